@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 
 def compute_fusion_layer_map(num_dit_layers: int, num_vlm_layers: int, fusion_depth: float = 0.0) -> list[int]:
     """Return, for each DiT block, the index of the VLM layer whose output it fuses with.
 
     At `fusion_depth=0` DiT block `i` pairs with the VLM layer at the same relative depth
-    (`round(i * (num_vlm_layers - 1) / (num_dit_layers - 1))`). A depth `d` moves every pairing a fraction `d` of
+    (`i * (num_vlm_layers - 1) / (num_dit_layers - 1)`, rounded half up). A depth `d` moves every pairing a fraction `d` of
     the way towards the last VLM layer, so `d=1` pairs every DiT block with the last VLM layer. These are the 0%,
     50% and 100% settings of the LightBagel paper's fusion-depth ablation.
     """
@@ -22,7 +24,8 @@ def compute_fusion_layer_map(num_dit_layers: int, num_vlm_layers: int, fusion_de
     layer_map = []
     for i in range(num_dit_layers):
         same_depth = i * last / (num_dit_layers - 1) if num_dit_layers > 1 else last
-        layer_map.append(int(round(same_depth + fusion_depth * (last - same_depth))))
+        # Round half up, so that the map does not depend on Python's round-half-to-even.
+        layer_map.append(int(math.floor(same_depth + fusion_depth * (last - same_depth) + 0.5)))
     return layer_map
 
 

@@ -11,7 +11,6 @@ import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
@@ -23,6 +22,7 @@ from diffusers.models.transformers.transformer_wan import (
 from diffusers.utils import apply_lora_scale, logging
 from diffusers.utils.torch_utils import maybe_allow_in_graph
 
+from .cache_registration import LightBagelCacheMixin
 from .context import LightBagelContext
 from .fusion_attention import LightBagelFusionBlock
 from .layer_map import compute_fusion_layer_map, validate_fusion_layer_map
@@ -70,14 +70,14 @@ class LightBagelTransformerBlock(WanTransformerBlock):
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
-class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
+class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, LightBagelCacheMixin, AttentionMixin):
     """The generation branch of LightBagel: a Wan2.2 DiT whose blocks are each followed by a fusion block.
 
     The DiT part has the weight layout of diffusers' `WanTransformer3DModel`, so Wan2.2-TI2V-5B weights load into
     it unchanged except the text projection (`condition_embedder.text_embedder`), whose input width is the VLM
-    width (`text_dim`) instead of umT5's. The model also holds the understanding-side half of each fusion block;
-    the pipeline runs those inside the VLM (see `LightBagelUnderstandingEncoder`) and passes the result here as a
-    `LightBagelContext`.
+    width (`text_dim`) instead of umT5's. The model also holds the understanding-side half of each fusion block.
+    `models.understanding.encode_understanding` runs those halves inside the VLM and returns a `LightBagelContext`,
+    which `forward` reads.
 
     Args:
         patch_size, num_attention_heads, attention_head_dim, in_channels, out_channels, freq_dim, ffn_dim,
@@ -95,6 +95,8 @@ class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
     _no_split_modules = ["LightBagelTransformerBlock", "LightBagelFusionBlock"]
     _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _repeated_blocks = ["LightBagelTransformerBlock", "LightBagelFusionBlock"]
+    # Latent shapes whose rotary embeddings are kept; a pipeline call uses one shape.
+    _rotary_cache_size = 4
 
     @register_to_config
     def __init__(
@@ -164,6 +166,8 @@ class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
         self.gradient_checkpointing = False
+        # Rotary embeddings per (latent shape, device, dtype); see `_rotary_embeddings`.
+        self._rotary_cache: dict = {}
 
     def fusion_blocks_by_vlm_layer(self) -> dict[int, list[int]]:
         """Return, for each VLM layer that has fusion blocks after it, their indices in execution order."""
@@ -176,6 +180,25 @@ class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         """Project the context for the cross-attention once, so the denoising loop does not repeat it."""
         text_embeds = self.condition_embedder.text_embedder(context.encoder_hidden_states.to(self.dtype))
         return context.with_text_embeds(text_embeds)
+
+    def _rotary_embeddings(self, hidden_states: torch.Tensor):
+        """Return the DiT and fusion rotary embeddings for this latent shape, computed once per shape and device."""
+        key = (tuple(hidden_states.shape[2:]), self.rope.freqs_cos.device, self.rope.freqs_cos.dtype)
+        cached = self._rotary_cache.get(key)
+        if cached is not None:
+            return cached
+
+        rotary_emb = self.rope(hidden_states)
+        fusion_rotary = self.fusion_rope(hidden_states) if self.fusion_rope is not None else rotary_emb
+        # Wan returns (1, seq_len, 1, head_dim); the fusion attention takes (seq_len, head_dim).
+        fusion_rotary = (fusion_rotary[0][0, :, 0], fusion_rotary[1][0, :, 0])
+        # Under sequential offload the buffers can sit on the meta device; nothing is cached there, nor while
+        # torch.compile traces the whole model, since the cache is a Python dict.
+        if key[1].type != "meta" and not torch.compiler.is_compiling():
+            if len(self._rotary_cache) >= self._rotary_cache_size:
+                self._rotary_cache.pop(next(iter(self._rotary_cache)))
+            self._rotary_cache[key] = (rotary_emb, fusion_rotary)
+        return rotary_emb, fusion_rotary
 
     def _embed_timestep(self, timestep: torch.Tensor, seq_len: int | None, dtype: torch.dtype):
         embedder = self.condition_embedder
@@ -206,7 +229,7 @@ class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
             hidden_states: (batch, channels, frames, height, width) latents. For editing, the clean reference latents
                 are extra frames here, with timestep 0.
             timestep: (batch,) one timestep per sample, or (batch, seq_len) one per latent token after patching.
-            context: the understanding-stream context for this batch, from `LightBagelUnderstandingEncoder`.
+            context: the understanding-stream context for this batch, from `encode_understanding`.
         """
         batch_size, _, num_frames, height, width = hidden_states.shape
         if context.batch_size != batch_size:
@@ -222,10 +245,7 @@ class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Ca
         p_t, p_h, p_w = self.config.patch_size
         post_patch_shape = (num_frames // p_t, height // p_h, width // p_w)
 
-        rotary_emb = self.rope(hidden_states)
-        fusion_rotary = self.fusion_rope(hidden_states) if self.fusion_rope is not None else rotary_emb
-        # Wan returns (1, seq_len, 1, head_dim); the fusion attention takes (seq_len, head_dim).
-        fusion_rotary = (fusion_rotary[0][0, :, 0], fusion_rotary[1][0, :, 0])
+        rotary_emb, fusion_rotary = self._rotary_embeddings(hidden_states)
 
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
         seq_len = hidden_states.shape[1]

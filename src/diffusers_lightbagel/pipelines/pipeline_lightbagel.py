@@ -112,7 +112,9 @@ class LightBagelPipeline(LightBagelPipelineBase):
         do_guidance = guidance_scale > 1.0
         if (prompt is None) == (prompt_context is None):
             raise ValueError("Pass exactly one of prompt and prompt_context.")
-        height, width = self._check_size(height or self.default_height, width or self.default_width)
+        height = self.default_height if height is None else height
+        width = self.default_width if width is None else width
+        height, width = self._check_size(height, width)
         device = self._execution_device
 
         # 2. Understanding context: one VLM call for every prompt and guidance branch

@@ -1,6 +1,7 @@
-"""What the LightBagel text-to-image and edit pipelines share: prompts, context, sizes, latents, loop, decoding."""
+"""Base class of the LightBagel text-to-image and edit pipelines: prompts, context, sizes, latents, loop, decoding."""
 
 import math
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import numpy as np
@@ -15,6 +16,8 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
+from ..hub import LightBagelHubMixin
+from ..loaders.lora import LightBagelLoraLoaderMixin
 from ..models.context import LightBagelContext
 from ..models.transformer_lightbagel import LightBagelTransformer2DModel
 from ..models.understanding import encode_understanding
@@ -27,7 +30,7 @@ logger = logging.get_logger(__name__)
 MAX_IMAGE_SIDE = 16384
 
 
-class LightBagelPipelineBase(DiffusionPipeline):
+class LightBagelPipelineBase(LightBagelHubMixin, DiffusionPipeline, LightBagelLoraLoaderMixin):
     """Shared machinery of `LightBagelPipeline` and `LightBagelEditPipeline`.
 
     Components:
@@ -117,7 +120,31 @@ class LightBagelPipelineBase(DiffusionPipeline):
         """Run the VLM once over `texts` (in chat markup) and return the understanding context, one row per text."""
         device = device or self._vlm_device()
         model_inputs = self.encode_vlm_inputs(texts, images, device)
-        return encode_understanding(self.vlm, self.transformer, model_inputs)
+        with self._understanding_halves_on(device):
+            return encode_understanding(self.vlm, self.transformer, model_inputs)
+
+    @contextmanager
+    def _understanding_halves_on(self, device: torch.device):
+        """Move the fusion blocks' understanding halves to `device` for the VLM pass, and back afterwards.
+
+        With model CPU offload the transformer sits on the CPU while the VLM runs, so without the move the
+        understanding halves would run on the CPU. Weights on the meta device (sequential offload) are left to
+        accelerate's hooks.
+        """
+        # NOTE: the move has only been run on CPU-only machines, where no move happens.
+        halves = [block.understanding for block in self.transformer.fusion_blocks]
+        weight = halves[0].to_q.weight if halves else None
+        original = None if weight is None else weight.device
+        if original is None or original.type == "meta" or original == torch.device(device):
+            yield
+            return
+        for half in halves:
+            half.to(device)
+        try:
+            yield
+        finally:
+            for half in halves:
+                half.to(original)
 
     # ------------------------------------------------------------------ the understanding task
     @torch.no_grad()
@@ -225,7 +252,7 @@ class LightBagelPipelineBase(DiffusionPipeline):
             raise TypeError(f"{name} must be a LightBagelContext (from encode_prompt); got {type(context).__name__}.")
         if len(context.keys) != len(self.transformer.fusion_blocks):
             raise ValueError(
-                f"{name} holds keys for {len(context.keys)} fusion blocks but the transformer has "
+                f"{name} contains keys for {len(context.keys)} fusion blocks but the transformer has "
                 f"{len(self.transformer.fusion_blocks)}; it was encoded with another model."
             )
         tensors = [context.encoder_hidden_states, *context.keys, *context.values]
@@ -286,16 +313,30 @@ class LightBagelPipelineBase(DiffusionPipeline):
         mean, std = self._latents_mean_std(latents.device, latents.dtype)
         return (latents - mean) / std
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, output_type: str):
+        """Decode normalised latents to images of `output_type`; "latent" returns them unchanged.
+
+        A VAE in reduced precision that overflows is run again in float32 for this call. Non-finite pixels after
+        that raise FloatingPointError instead of producing a black image.
+        """
         if output_type == "latent":
             return latents
         mean, std = self._latents_mean_std(latents.device, torch.float32)
         latents = latents.float() * std + mean
         decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0][:, :, 0]
+        if not torch.isfinite(decoded).all() and self.vae.dtype != torch.float32:
+            original_dtype = self.vae.dtype
+            logger.warning(f"The VAE overflowed in {original_dtype}; decoding again in float32.")
+            self.vae.to(torch.float32)
+            try:
+                decoded = self.vae.decode(latents, return_dict=False)[0][:, :, 0]
+            finally:
+                self.vae.to(original_dtype)
         if not torch.isfinite(decoded).all():
             raise FloatingPointError(
-                f"The VAE produced NaN or infinite pixels (VAE dtype {self.vae.dtype}); keep the VAE in float32, "
-                "for example torch_dtype={'default': torch.bfloat16, 'vae': torch.float32}."
+                f"The VAE produced NaN or infinite pixels (VAE dtype {self.vae.dtype}, latent range "
+                f"[{latents.min().item():.3g}, {latents.max().item():.3g}]); check the latents and the VAE weights."
             )
         return self.image_processor.postprocess(decoded.float(), output_type=output_type)
 
@@ -330,7 +371,8 @@ class LightBagelPipelineBase(DiffusionPipeline):
                 )
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()

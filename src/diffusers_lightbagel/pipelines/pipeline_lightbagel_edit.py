@@ -26,9 +26,9 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
     Only the target frame is denoised and returned. The pipeline keeps one reference image per prompt; several
     reference images per prompt are not supported.
 
-    Guidance has three branches: the full context; the image with the negative (by default empty) instruction, for
-    text guidance; and the instruction without the image (neither ViT tokens nor reference latents), for image
-    guidance.
+    Guidance has three branches. The full context is the conditional branch. Text guidance compares it with the
+    image and the negative (by default empty) instruction. Image guidance compares it with the instruction alone,
+    without ViT tokens or reference latents.
 
     Example:
         ```py
@@ -155,8 +155,10 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
         elif height is None or width is None:
             # One side given: the other follows the input's aspect ratio.
             input_width, input_height = images[0].size
-            height = height or max(1, round(width * input_height / input_width))
-            width = width or max(1, round(height * input_width / input_height))
+            if height is None:
+                height = max(1, round(width * input_height / input_width)) if width > 0 else width
+            else:
+                width = max(1, round(height * input_width / input_height)) if height > 0 else height
         height, width = self._check_size(height, width)
         device = self._execution_device
 
@@ -195,9 +197,12 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
             self.transformer.config.patch_size[1] * self.transformer.config.patch_size[2]
         )
 
+        # The reference frames for one and for two guidance branches, built once for the whole loop.
+        references = {batch_size: reference, 2 * batch_size: torch.cat([reference, reference])}
+
         def run_with_reference(latents, t, context):
-            repeats = latents.shape[0] // reference.shape[0]
-            model_input = torch.cat([latents, reference.repeat(repeats, 1, 1, 1, 1)], dim=2)
+            model_input = torch.cat([latents, references[latents.shape[0]]], dim=2)
+            # Per-token timesteps: t for the target frame, 0 for the clean reference frame.
             timestep = torch.cat(
                 [t.expand(model_input.shape[0], tokens_per_frame), t.new_zeros(model_input.shape[0], tokens_per_frame)],
                 dim=1,
