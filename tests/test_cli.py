@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
+from diffusers_lightbagel import cli
 from diffusers_lightbagel.cli import main
+
+
+ORIGINAL_LOAD_PIPELINE = cli.load_pipeline
 
 
 def test_generate_writes_image(tmp_path, capsys):
@@ -37,12 +43,54 @@ def test_ask_prints_answer(tmp_path, capsys):
     assert capsys.readouterr().out.strip() != ""
 
 
-def test_existing_output_needs_overwrite(tmp_path):
+def test_existing_output_needs_overwrite(tmp_path, capsys):
     output = tmp_path / "taken.png"
     output.write_bytes(b"user data")
-    with pytest.raises(SystemExit, match="pass --overwrite"):
-        main(["generate", "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", "-o", str(output)])
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--height", "32", "--width", "32", "-o", str(output)]) == 1
+    assert "exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert output.read_bytes() == b"user data"
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", fail)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["edit", "--image", "missing.png", "--prompt", "x", "-o", "{tmp}/out.png"], "'missing.png' does not exist"),
+    (["generate", "--prompt", "x", "-o", "{tmp}/out.webp2"], "extension '.webp2', which PIL cannot write"),
+    (["generate", "--prompt", "x", "-o", "{tmp}/no/such/folder/out.png"], "does not exist"),
+    (["generate", "--prompt", "x", "--model", "./no-such-folder", "-o", "{tmp}/out.png"], "neither an existing folder"),
+])
+def test_bad_arguments_fail_before_loading(tmp_path, capsys, no_model_load, arguments, message):
+    arguments = [argument.replace("{tmp}", str(tmp_path)) for argument in arguments]
+    if "--model" in arguments:
+        # This case must reach load_pipeline's own check, so restore the real function.
+        cli.load_pipeline = ORIGINAL_LOAD_PIPELINE
+    assert main(arguments) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_without_gpu_rejected(tmp_path, capsys, no_model_load):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["generate", "--prompt", "x", "--device", "cuda", "-o", str(tmp_path / "out.png")]) == 1
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_non_finite_guidance_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x", "--guidance-scale", "nan", "-o", "x.png"])
+    assert "must be a finite number, got nan" in capsys.readouterr().err
+
+
+def test_control_characters_escaped():
+    assert cli._printable("a\x1b[2Jb\nc\x00") == "a\\x1b[2Jb\nc\\x00"
 
 
 def test_bad_steps_rejected(capsys):

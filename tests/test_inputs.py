@@ -296,3 +296,17 @@ def test_same_seed_same_image_across_calls(tiny_pipe):
     first = tiny_pipe("a", height=32, width=32, generator=_generator(11), num_inference_steps=2, output_type="np").images
     second = tiny_pipe("a", height=32, width=32, generator=_generator(11), num_inference_steps=2, output_type="np").images
     np.testing.assert_array_equal(first, second)
+
+
+def test_context_tuple_rejected_with_hint(tiny_pipe):
+    contexts = tiny_pipe.encode_prompt("a")
+    with pytest.raises(TypeError, match="prompt_context is a tuple"):
+        tiny_pipe(prompt_context=contexts, height=32, width=32, **FAST)
+
+
+def test_processor_padding_state_unchanged(tiny_pipe):
+    backend = tiny_pipe.processor.tokenizer.backend_tokenizer
+    before = backend.padding
+    tiny_pipe.ask(["one?", "a longer question?"], max_new_tokens=1)
+    tiny_pipe(["a", "bb"], height=32, width=32, **FAST)
+    assert backend.padding == before

@@ -224,3 +224,18 @@ def test_callback_can_replace_latents(tiny_pipe):
     latents = tiny_pipe("a red circle", height=64, width=64, num_inference_steps=2, output_type="latent",
                         callback_on_step_end=zero_latents).images
     assert torch.count_nonzero(latents) == 0
+
+
+@pytest.mark.parametrize("pipeline_cls", [LightBagelPipeline, LightBagelEditPipeline])
+def test_first_block_cache_in_pipeline(tiny_components, rgb_image, pipeline_cls):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = pipeline_cls(**tiny_components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", height=64, width=64, num_inference_steps=3, output_type="np")
+    if pipeline_cls is LightBagelEditPipeline:
+        kwargs["image"] = rgb_image
+    plain = pipe(**kwargs, generator=_generator()).images
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+    cached = pipe(**kwargs, generator=_generator()).images
+    np.testing.assert_allclose(cached, plain, atol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -25,6 +26,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each option's default in --help."""
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -32,19 +44,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight dtype"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype of the VLM and transformer (auto: bfloat16 on CUDA, float32 on CPU); the VAE stays float32",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the initial noise")
+    parser.add_argument("--variant", default=None, help="weight file variant to load, e.g. bf16 or fp16")
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, guidance_default: float) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt or instruction")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the initial noise")
     parser.add_argument("--negative-prompt", default=None, help="what text guidance steers away from")
     parser.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 50; 8 for the tiny model)")
     parser.add_argument("--height", type=_positive_int, default=None, help="output height in pixels (multiple of 32)")
     parser.add_argument("--width", type=_positive_int, default=None, help="output width in pixels (multiple of 32)")
     parser.add_argument(
-        "--guidance-scale", type=float, default=guidance_default, help="text guidance scale; <= 1 turns it off"
+        "--guidance-scale", type=_finite_float, default=guidance_default, help="text guidance scale; <= 1 turns it off"
     )
     parser.add_argument("--output", "-o", required=True, help="output image path (.png, .jpg, ...)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
@@ -54,17 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightbagel", description="LightBagel image generation, editing and VQA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="generate an image from text")
+    generate = commands.add_parser("generate", help="generate an image from text", formatter_class=_HelpFormatter)
     _add_model_arguments(generate)
     _add_generation_arguments(generate, guidance_default=4.0)
 
-    edit = commands.add_parser("edit", help="edit an image following an instruction")
+    edit = commands.add_parser("edit", help="edit an image following an instruction", formatter_class=_HelpFormatter)
     _add_model_arguments(edit)
     edit.add_argument("--image", required=True, help="path of the image to edit")
     _add_generation_arguments(edit, guidance_default=4.0)
-    edit.add_argument("--image-guidance-scale", type=float, default=2.0, help="image guidance scale; <= 1 turns it off")
+    edit.add_argument("--image-guidance-scale", type=_finite_float, default=2.0, help="image guidance scale; <= 1 turns it off")
 
-    ask = commands.add_parser("ask", help="answer a question about an image, or a text prompt, with the VLM")
+    ask = commands.add_parser(
+        "ask", help="answer a question about an image, or a text prompt, with the VLM", formatter_class=_HelpFormatter
+    )
     _add_model_arguments(ask)
     ask.add_argument("--prompt", required=True, help="the question")
     ask.add_argument("--image", default=None, help="path of an image the question is about")
@@ -78,12 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _resolve_device(name: str | None) -> str:
     import torch
 
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError(f"--device {name} was requested, but torch sees no CUDA device; use --device cpu.")
+    return name
 
 
-def load_pipeline(model: str | None, device: str, dtype_name: str, edit: bool = False):
+class CommandError(Exception):
+    """An error in the command's arguments, printed as one line without a traceback."""
+
+
+def load_pipeline(model: str | None, device: str, dtype_name: str, edit: bool = False, variant: str | None = None):
     """Load a LightBagel pipeline from a folder or repo id, or build the embedded tiny one."""
     import torch
 
@@ -103,16 +127,25 @@ def load_pipeline(model: str | None, device: str, dtype_name: str, edit: bool = 
     else:
         dtype = getattr(torch, dtype_name)
     # Keep the VAE in float32: the Wan VAE can overflow in float16.
-    pipe = pipeline_cls.from_pretrained(model, torch_dtype={"default": dtype, "vae": torch.float32})
+    if not os.path.isdir(model) and (os.path.isabs(model) or model.startswith(".") or model.count("/") > 1):
+        raise CommandError(f"--model {model!r} is neither an existing folder nor a Hub repo id (name or org/name).")
+    pipe = pipeline_cls.from_pretrained(model, dtype={"default": dtype, "vae": torch.float32}, variant=variant)
     return pipe.to(device), False
 
 
 def _check_output_path(path: str, overwrite: bool) -> None:
+    import PIL.Image
+
     if os.path.exists(path) and not overwrite:
-        raise SystemExit(f"error: the output file {path!r} exists; pass --overwrite to replace it.")
+        raise CommandError(f"the output file {path!r} exists; pass --overwrite to replace it.")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: the output folder {folder!r} does not exist.")
+        raise CommandError(f"the output folder {folder!r} does not exist.")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in PIL.Image.registered_extensions():
+        raise CommandError(
+            f"the output file {path!r} has the extension {extension!r}, which PIL cannot write; use .png or .jpg."
+        )
 
 
 def _save_image_atomically(image, path: str) -> None:
@@ -133,8 +166,13 @@ def _run_generation(args: argparse.Namespace, edit: bool) -> int:
     import torch
 
     _check_output_path(args.output, args.overwrite)
+    source_image = None
+    if edit:
+        from .pipelines.image_utils import to_rgb_image
+
+        source_image = to_rgb_image(args.image, "--image")
     device = _resolve_device(args.device)
-    pipe, is_embedded = load_pipeline(args.model, device, args.dtype, edit=edit)
+    pipe, is_embedded = load_pipeline(args.model, device, args.dtype, edit=edit, variant=args.variant)
     steps = args.steps or (8 if is_embedded else 50)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     kwargs = dict(
@@ -147,9 +185,7 @@ def _run_generation(args: argparse.Namespace, edit: bool) -> int:
         generator=generator,
     )
     if edit:
-        from .pipelines.image_utils import to_rgb_image
-
-        kwargs.update(image=to_rgb_image(args.image, "--image"), image_guidance_scale=args.image_guidance_scale)
+        kwargs.update(image=source_image, image_guidance_scale=args.image_guidance_scale)
     image = pipe(**kwargs).images[0]
     _save_image_atomically(image, args.output)
     print(f"wrote {args.output} ({image.width}x{image.height}, {steps} steps, seed {args.seed})")
@@ -158,11 +194,21 @@ def _run_generation(args: argparse.Namespace, edit: bool) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """Escape control characters other than newlines and tabs, so that generated text cannot garble a terminal."""
+    return "".join(char if char.isprintable() or char in "\n\t" else f"\\x{ord(char):02x}" for char in text)
+
+
 def _run_ask(args: argparse.Namespace) -> int:
+    image = None
+    if args.image is not None:
+        from .pipelines.image_utils import to_rgb_image
+
+        image = to_rgb_image(args.image, "--image")
     device = _resolve_device(args.device)
-    pipe, is_embedded = load_pipeline(args.model, device, args.dtype)
-    answer = pipe.ask(args.prompt, image=args.image, max_new_tokens=args.max_new_tokens)
-    print(answer)
+    pipe, is_embedded = load_pipeline(args.model, device, args.dtype, variant=args.variant)
+    answer = pipe.ask(args.prompt, image=image, max_new_tokens=args.max_new_tokens)
+    print(_printable(answer))
     if is_embedded:
         print("(random-weight tiny model: the generated text is arbitrary tokens by construction)", file=sys.stderr)
     return 0
@@ -180,11 +226,19 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
 
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        return _run_generation(args, edit=False)
-    if args.command == "edit":
-        return _run_generation(args, edit=True)
-    return _run_ask(args)
+    try:
+        if args.command == "generate":
+            return _run_generation(args, edit=False)
+        if args.command == "edit":
+            return _run_generation(args, edit=True)
+        return _run_ask(args)
+    except (CommandError, ValueError, TypeError, OSError, FloatingPointError) as error:
+        # Expected failures (bad arguments, missing files, unloadable models) print one line; set
+        # LIGHTBAGEL_TRACEBACK=1 to see the traceback instead.
+        if os.environ.get("LIGHTBAGEL_TRACEBACK") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

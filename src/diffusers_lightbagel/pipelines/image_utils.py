@@ -17,7 +17,7 @@ def _array_to_pil(array: np.ndarray, source: str) -> PIL.Image.Image:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"A {source} image must have shape (height, width), (height, width, channels) or (channels, height, "
+            f"The {source} image must have shape (height, width), (height, width, channels) or (channels, height, "
             f"width) with 1, 3 or 4 channels; got shape {tuple(array.shape)}."
         )
     if not np.isfinite(array).all():
@@ -28,7 +28,7 @@ def _array_to_pil(array: np.ndarray, source: str) -> PIL.Image.Image:
         array = array * 255.0
     elif array.min() < 0.0 or array.max() > 255.0:
         raise ValueError(
-            f"A {source} image must hold values in [0, 1] or [0, 255]; got the range [{array.min()}, {array.max()}]."
+            f"The {source} image must hold values in [0, 1] or [0, 255]; got the range [{array.min()}, {array.max()}]."
         )
     array = np.clip(np.round(array), 0, 255).astype(np.uint8)
     if array.shape[-1] == 1:

@@ -112,6 +112,8 @@ class LightBagelPipeline(LightBagelPipelineBase):
         do_guidance = guidance_scale > 1.0
         if (prompt is None) == (prompt_context is None):
             raise ValueError("Pass exactly one of prompt and prompt_context.")
+        if prompt_context is not None:
+            self._check_context(prompt_context, "prompt_context")
         height = self.default_height if height is None else height
         width = self.default_width if width is None else width
         height, width = self._check_size(height, width)
@@ -152,18 +154,20 @@ class LightBagelPipeline(LightBagelPipelineBase):
         latents = self.prepare_latents(batch_size, height, width, dtype, device, generator, latents)
 
         # 4. Denoising loop
+        def run(latents: torch.Tensor, t: torch.Tensor, context: LightBagelContext, name: str) -> torch.Tensor:
+            # cache_context tells diffusers' caching hooks (First Block Cache) which branch this call is.
+            with self.transformer.cache_context(name):
+                timestep = t.expand(latents.shape[0])
+                return self.transformer(latents, timestep, context, attention_kwargs=attention_kwargs)[0]
+
         def predict_velocity(latents: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
             if not guided:
-                timestep = t.expand(latents.shape[0])
-                return self.transformer(latents, timestep, conditional, attention_kwargs=attention_kwargs)[0]
+                return run(latents, t, conditional, "cond")
             if both is not None:
-                model_input = torch.cat([latents, latents])
-                timestep = t.expand(model_input.shape[0])
-                cond, uncond = self.transformer(model_input, timestep, both, attention_kwargs=attention_kwargs)[0].chunk(2)
+                cond, uncond = run(torch.cat([latents, latents]), t, both, "cond_uncond").chunk(2)
             else:
-                timestep = t.expand(latents.shape[0])
-                cond = self.transformer(latents, timestep, conditional, attention_kwargs=attention_kwargs)[0]
-                uncond = self.transformer(latents, timestep, unconditional, attention_kwargs=attention_kwargs)[0]
+                cond = run(latents, t, conditional, "cond")
+                uncond = run(latents, t, unconditional, "uncond")
             return combine_guidance(cond, uncond, guidance_scale, renorm_min=guidance_renorm_min)
 
         latents = self._run_denoising_loop(

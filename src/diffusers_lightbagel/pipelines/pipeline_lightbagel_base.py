@@ -100,11 +100,28 @@ class LightBagelPipelineBase(LightBagelHubMixin, DiffusionPipeline, LightBagelLo
     def _vlm_device(self) -> torch.device:
         return self._execution_device
 
+    def _run_processor(self, texts: list[str], images, padding_side: str):
+        """Call the processor with padding on `padding_side`, leaving the tokenizer's saved padding state as it was.
+
+        The fast tokenizer keeps the last padding setting in its backend, and `save_pretrained` writes it to
+        tokenizer.json, so it is restored after each call.
+        """
+        backend = getattr(self.processor.tokenizer, "backend_tokenizer", None)
+        saved_padding = backend.padding if backend is not None else None
+        try:
+            return self.processor(
+                text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt"
+            )
+        finally:
+            if backend is not None:
+                if saved_padding is None:
+                    backend.no_padding()
+                else:
+                    backend.enable_padding(**saved_padding)
+
     def encode_vlm_inputs(self, texts: list[str], images: list[PIL.Image.Image] | None, device: torch.device) -> dict:
         """Tokenize VLM prompts (already in chat markup) and images, right-padded, on `device`."""
-        inputs = self.processor(
-            text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt"
-        )
+        inputs = self._run_processor(texts, images or None, padding_side="right")
         vlm_dtype = self.vlm.dtype
         model_inputs = {}
         for name, value in inputs.items():
@@ -174,7 +191,7 @@ class LightBagelPipelineBase(LightBagelHubMixin, DiffusionPipeline, LightBagelLo
             if len(images) != len(questions):
                 raise ValueError(f"Got {len(images)} images for {len(questions)} questions; pass one per question.")
         texts = [self.format_vlm_prompt(text, images is not None, add_generation_prompt=True) for text in questions]
-        inputs = self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+        inputs = self._run_processor(texts, images, padding_side="left")
         inputs = {name: value.to(self._execution_device) for name, value in inputs.items() if torch.is_tensor(value)}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.vlm.dtype)
@@ -248,8 +265,17 @@ class LightBagelPipelineBase(LightBagelHubMixin, DiffusionPipeline, LightBagelLo
         return float(value)
 
     def _check_context(self, context, name: str) -> None:
+        if isinstance(context, tuple):
+            raise TypeError(
+                f"{name} is a tuple, but must be one LightBagelContext. encode_prompt returns one context per "
+                "guidance branch; pass them separately, e.g. `prompt_context, negative_prompt_context = "
+                "pipe.encode_prompt(...)`."
+            )
         if not isinstance(context, LightBagelContext):
-            raise TypeError(f"{name} must be a LightBagelContext (from encode_prompt); got {type(context).__name__}.")
+            raise TypeError(
+                f"{name} must be a LightBagelContext (an element of what encode_prompt returns); "
+                f"got {type(context).__name__}."
+            )
         if len(context.keys) != len(self.transformer.fusion_blocks):
             raise ValueError(
                 f"{name} contains keys for {len(context.keys)} fusion blocks but the transformer has "

@@ -148,6 +148,8 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
         do_text_guidance, do_image_guidance = text_scale > 1.0, image_scale > 1.0
         if (prompt is None) == (prompt_context is None):
             raise ValueError("Pass exactly one of prompt and prompt_context.")
+        if prompt_context is not None:
+            self._check_context(prompt_context, "prompt_context")
         num_prompts = len(self._as_prompt_list(prompt, "prompt")) if prompt is not None else prompt_context.batch_size
         images = self._as_image_list(image, num_prompts)
         if height is None and width is None:
@@ -200,31 +202,38 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
         # The reference frames for one and for two guidance branches, built once for the whole loop.
         references = {batch_size: reference, 2 * batch_size: torch.cat([reference, reference])}
 
-        def run_with_reference(latents, t, context):
+        def run_with_reference(latents, t, context, name: str):
             model_input = torch.cat([latents, references[latents.shape[0]]], dim=2)
             # Per-token timesteps: t for the target frame, 0 for the clean reference frame.
             timestep = torch.cat(
                 [t.expand(model_input.shape[0], tokens_per_frame), t.new_zeros(model_input.shape[0], tokens_per_frame)],
                 dim=1,
             )
-            output = self.transformer(model_input, timestep, context, attention_kwargs=attention_kwargs)[0]
+            # cache_context tells diffusers' caching hooks (First Block Cache) which branch this call is.
+            with self.transformer.cache_context(name):
+                output = self.transformer(model_input, timestep, context, attention_kwargs=attention_kwargs)[0]
             return output[:, :, :1]
 
         # 4. Denoising loop
         def predict_velocity(latents: torch.Tensor, t: torch.Tensor, guided: bool) -> torch.Tensor:
             if not guided:
-                return run_with_reference(latents, t, full)
+                return run_with_reference(latents, t, full, "cond")
             if text_free is not None and batch_guidance_branches:
                 conditional, text_unconditional = run_with_reference(
-                    torch.cat([latents, latents]), t, full_and_text_free
+                    torch.cat([latents, latents]), t, full_and_text_free, "cond_text_free"
                 ).chunk(2)
             else:
-                conditional = run_with_reference(latents, t, full)
-                text_unconditional = run_with_reference(latents, t, text_free) if text_free is not None else None
+                conditional = run_with_reference(latents, t, full, "cond")
+                text_unconditional = None
+                if text_free is not None:
+                    text_unconditional = run_with_reference(latents, t, text_free, "text_free")
             image_unconditional = None
             if image_free is not None:
-                timestep = t.expand(latents.shape[0])
-                image_unconditional = self.transformer(latents, timestep, image_free, attention_kwargs=attention_kwargs)[0]
+                with self.transformer.cache_context("image_free"):
+                    timestep = t.expand(latents.shape[0])
+                    image_unconditional = self.transformer(
+                        latents, timestep, image_free, attention_kwargs=attention_kwargs
+                    )[0]
             return combine_guidance(
                 conditional, text_unconditional, text_scale, image_unconditional, image_scale, guidance_renorm_min
             )
