@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def assert_state_dicts_equal(actual, expected):
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.iterdir() if ".tmp-" in path.name or ".old-" in path.name)
+    markers = (".tmp-", ".old-", ".staging-")
+    return sorted(path.name for path in folder.iterdir() if any(marker in path.name for marker in markers))
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -270,7 +272,7 @@ def test_base_release_single_pth_file(sources, wan, tmp_path):
         dtype=torch.bfloat16,
     )
     transformer = LightBagelTransformer2DModel.from_pretrained(
-        tmp_path / "out", subfolder="transformer", torch_dtype=torch.bfloat16
+        tmp_path / "out", subfolder="transformer", dtype=torch.bfloat16
     )
     stored = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
 
@@ -409,7 +411,7 @@ def test_checkpoint_dtype_and_variant(base_folder, trained_state_dict, tmp_path)
     source = write_single_safetensors(tmp_path, trained_state_dict)
     argv = ["checkpoint", "--base", str(base_folder), "--checkpoint", str(source), "--output", str(tmp_path / "out")]
     assert main(argv + ["--dtype", "bfloat16", "--variant", "bf16"]) == 0
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out", variant="bf16", torch_dtype=torch.bfloat16)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "out", variant="bf16", dtype=torch.bfloat16)
 
     assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.bf16.safetensors").is_file()
     keep_in_fp32 = LightBagelTransformer2DModel._keep_in_fp32_modules
@@ -489,6 +491,22 @@ def test_checkpoint_existing_output_needs_overwrite(base_folder, trained_state_d
     convert_training_checkpoint(base_folder, source, output, overwrite=True)
     assert not (output / "keep.txt").exists()
     assert (output / "model_index.json").is_file()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_output_modes_follow_umask(base_folder, trained_state_dict, tmp_path, umask):
+    source = write_single_safetensors(tmp_path, trained_state_dict)
+    output = tmp_path / "out"
+    previous = os.umask(umask)
+    try:
+        convert_training_checkpoint(base_folder, source, output)
+    finally:
+        os.umask(previous)
+
+    assert output.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("model_index.json", "README.md", "pipeline_lightbagel.py", "transformer/config.json"):
+        assert (output / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert leftovers(tmp_path) == []
 
 

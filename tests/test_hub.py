@@ -16,7 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers_lightbagel import LightBagelEditPipeline, LightBagelPipeline, LightBagelTransformer2DModel
-from diffusers_lightbagel.hub import LightBagelRepositoryError, render_remote_code, validate_repository
+from diffusers_lightbagel.hub import (
+    LightBagelRepositoryError,
+    render_remote_code,
+    validate_repository,
+    write_text_atomic,
+)
 from diffusers_lightbagel.tiny import build_tiny_components, build_tiny_transformer
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
@@ -165,6 +170,68 @@ def test_save_rejects_invalid_variant(saved_repository, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def known_umask(request):
+    """Set the process umask to the parametrized value for one test and restore it afterwards."""
+    previous = os.umask(request.param)
+    yield request.param
+    os.umask(previous)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("known_umask", [0o022, 0o027], indirect=True)
+def test_save_modes_follow_umask(saved_repository, tmp_path, known_umask):
+    pipe, _ = saved_repository
+    folder = tmp_path / "shared"
+    pipe.save_pretrained(folder)
+
+    assert _mode(folder) == 0o777 & ~known_umask
+    assert _mode(folder / "transformer") == 0o777 & ~known_umask
+    for name in ("model_index.json", "README.md", "pipeline_lightbagel.py", "transformer/config.json"):
+        assert _mode(folder / name) == 0o666 & ~known_umask, name
+
+
+@pytest.mark.parametrize("known_umask", [0o022], indirect=True)
+def test_write_text_atomic_keeps_existing_mode(tmp_path, known_umask):
+    existing = tmp_path / "private.json"
+    existing.write_text("{}")
+    existing.chmod(0o600)
+
+    write_text_atomic(existing, '{"a": 1}')
+    write_text_atomic(tmp_path / "new.json", "{}")
+
+    assert existing.read_text() == '{"a": 1}'
+    assert _mode(existing) == 0o600
+    assert _mode(tmp_path / "new.json") == 0o644
+
+
+def test_resave_after_load_is_accepted(repository_copy):
+    before = {name: (repository_copy / name).read_bytes() for name in _files(repository_copy)}
+    loaded = LightBagelPipeline.from_pretrained(repository_copy)
+
+    loaded.save_pretrained(repository_copy)
+
+    after = {name: (repository_copy / name).read_bytes() for name in _files(repository_copy)}
+    assert after == before
+    assert not [name for name in repository_copy.parent.iterdir() if ".staging-" in name.name]
+
+
+def test_save_rejects_changed_config_field(saved_repository, repository_copy):
+    pipe, _ = saved_repository
+    config_path = repository_copy / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["shift"] = config["shift"] + 1.0
+    config_path.write_text(json.dumps(config))
+
+    with pytest.raises(FileExistsError, match="scheduler/scheduler_config.json"):
+        pipe.save_pretrained(repository_copy)
+
+    assert json.loads(config_path.read_text())["shift"] == config["shift"]
+
+
 # ---------------------------------------------------------------------------------------------------- loading
 def test_load_local_folder_returns_pipeline(saved_repository):
     pipe, folder = saved_repository
@@ -255,22 +322,27 @@ def test_from_pipe_shares_weights(saved_repository):
     assert edit.processor is pipe.processor
 
 
-def test_torch_dtype_single(saved_repository):
+def test_dtype_single(saved_repository):
     _, folder = saved_repository
-    loaded = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    loaded = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
 
     assert loaded.transformer.proj_out.weight.dtype == torch.bfloat16
     assert loaded.vae.dtype == torch.bfloat16
     assert loaded.vlm.dtype == torch.bfloat16
 
 
-def test_torch_dtype_per_component(saved_repository):
+@pytest.mark.parametrize("pipeline_class", [LightBagelPipeline, DiffusionPipeline])
+def test_dtype_per_component(saved_repository, pipeline_class, recwarn):
     _, folder = saved_repository
-    loaded = LightBagelPipeline.from_pretrained(folder, torch_dtype={"default": torch.bfloat16, "vae": torch.float32})
+    loaded = pipeline_class.from_pretrained(folder, dtype={"default": torch.bfloat16, "vae": torch.float32})
 
+    assert type(loaded) is LightBagelPipeline
     assert loaded.transformer.proj_out.weight.dtype == torch.bfloat16
     assert loaded.vlm.dtype == torch.bfloat16
     assert loaded.vae.dtype == torch.float32
+    # _keep_in_fp32_modules stay in float32 under a dtype dict too.
+    assert loaded.transformer.scale_shift_table.dtype == torch.float32
+    assert not [warning for warning in recwarn if "torch_dtype" in str(warning.message)]
 
 
 @pytest.mark.parametrize("variant, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
@@ -287,7 +359,7 @@ def test_variant_round_trip(saved_repository, tmp_path, variant, dtype):
     stored = load_file(folder / "transformer" / f"diffusion_pytorch_model.{variant}.safetensors")
     assert stored["proj_out.weight"].dtype == dtype
 
-    loaded = LightBagelPipeline.from_pretrained(folder, variant=variant, torch_dtype=dtype)
+    loaded = LightBagelPipeline.from_pretrained(folder, variant=variant, dtype=dtype)
     assert loaded.transformer.proj_out.weight.dtype == dtype
     assert torch.equal(loaded.transformer.proj_out.weight, cast.transformer.proj_out.weight)
     assert torch.equal(loaded.transformer.proj_out.weight.float(), pipe.transformer.proj_out.weight.to(dtype).float())
@@ -297,6 +369,68 @@ def test_missing_variant_raises_diffusers_error(saved_repository):
     _, folder = saved_repository
     with pytest.raises(ValueError, match="variant=fp16"):
         DiffusionPipeline.from_pretrained(folder, variant="fp16")
+
+
+@pytest.fixture(scope="module")
+def bf16_repository(tmp_path_factory):
+    """The tiny pipeline with its transformer and VLM in bfloat16 and the VAE in float32, saved with variant="bf16"."""
+    pipe = LightBagelPipeline(**build_tiny_components(seed=0))
+    pipe.transformer.to(torch.bfloat16)
+    pipe.vlm.to(torch.bfloat16)
+    folder = tmp_path_factory.mktemp("variant") / "lb_bf16"
+    pipe.save_pretrained(folder, variant="bf16")
+    return folder
+
+
+def test_load_without_variant_names_variant(bf16_repository):
+    with pytest.raises(LightBagelRepositoryError, match=r"variant='bf16'") as raised:
+        LightBagelPipeline.from_pretrained(bf16_repository)
+
+    message = str(raised.value)
+    assert "vlm/" in message
+    assert str(bf16_repository) in message
+    assert "only weights saved with a variant ('bf16')" in message
+    assert raised.value.file == "vlm/"
+    assert raised.value.field == "vlm"
+
+
+def test_load_other_variant_names_available(bf16_repository):
+    with pytest.raises(LightBagelRepositoryError, match=r"no weights for variant='fp16', only for 'bf16'"):
+        validate_repository(bf16_repository, variant="fp16")
+
+
+def test_validate_sharded_variant_without_variant(saved_repository, tmp_path):
+    pipe, _ = saved_repository
+    folder = tmp_path / "sharded"
+    pipe.save_pretrained(folder, variant="fp16", max_shard_size="50KB")
+    assert "transformer/diffusion_pytorch_model.safetensors.index.fp16.json" in _files(folder)
+
+    with pytest.raises(LightBagelRepositoryError, match=r"variant='fp16'"):
+        validate_repository(folder, passed_components=["vlm"])
+    validate_repository(folder, variant="fp16")
+
+
+def test_load_bf16_variant_keeps_float32_vae(bf16_repository):
+    loaded = LightBagelPipeline.from_pretrained(
+        bf16_repository, variant="bf16", dtype={"default": torch.bfloat16, "vae": torch.float32}
+    )
+
+    assert loaded.transformer.proj_out.weight.dtype == torch.bfloat16
+    assert loaded.vae.dtype == torch.float32
+    stored_vae = load_file(bf16_repository / "vae" / "diffusion_pytorch_model.bf16.safetensors")
+    assert stored_vae["decoder.conv_out.weight"].dtype == torch.float32
+
+
+def test_variant_warning_skips_float32_vae(saved_repository, tmp_path, caplog):
+    pipe, _ = saved_repository
+    mixed = LightBagelPipeline(**{**pipe.components, "transformer": build_tiny_transformer(seed=0).to(torch.bfloat16)})
+
+    with caplog.at_level("WARNING", logger="diffusers_lightbagel"):
+        mixed.save_pretrained(tmp_path / "mixed", variant="bf16")
+
+    warned = [record.getMessage() for record in caplog.records if "only names the files" in record.getMessage()]
+    assert len(warned) == 1
+    assert "the vlm weights are torch.float32" in warned[0]
 
 
 def test_sharded_save_round_trip(saved_repository, tmp_path):

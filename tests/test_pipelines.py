@@ -239,3 +239,26 @@ def test_first_block_cache_in_pipeline(tiny_components, rgb_image, pipeline_cls)
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))
     cached = pipe(**kwargs, generator=_generator()).images
     np.testing.assert_allclose(cached, plain, atol=1e-6)
+
+
+def test_from_pipe_keeps_dtypes_and_shares(tiny_components):
+    tiny_components["transformer"] = tiny_components["transformer"].to(torch.bfloat16)
+    pipe = LightBagelPipeline(**tiny_components)
+    edit = LightBagelEditPipeline.from_pipe(pipe)
+    assert type(edit) is LightBagelEditPipeline
+    assert edit.transformer.dtype == torch.bfloat16
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert edit.vae.dtype == torch.float32
+    first = next(pipe.transformer.parameters())
+    assert next(edit.transformer.parameters()).data_ptr() == first.data_ptr()
+    assert edit.vlm is pipe.vlm
+
+
+def test_from_pipe_replaces_component(tiny_components):
+    from diffusers_lightbagel.tiny import build_tiny_transformer
+
+    pipe = LightBagelPipeline(**tiny_components)
+    other = build_tiny_transformer(seed=5)
+    assert LightBagelEditPipeline.from_pipe(pipe, transformer=other).transformer is other
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        LightBagelEditPipeline.from_pipe(pipe, text_encoder=other)

@@ -147,7 +147,7 @@ def most_common_float_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
 def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Cast floating parameters to `dtype`, keeping the model's `_keep_in_fp32_modules` in float32.
 
-    diffusers' `from_pretrained(torch_dtype=...)` keeps those modules in float32 too, so storing them in float32
+    diffusers' `from_pretrained(dtype=...)` keeps those modules in float32 too, so storing them in float32
     loses no precision that loading would restore.
     """
     keep_in_fp32 = getattr(model, "_keep_in_fp32_modules", None) or []

@@ -29,7 +29,7 @@ class LightBagelPipeline(LightBagelPipelineBase):
         >>> import diffusers_lightbagel  # registers the LightBagel classes with diffusers
         >>> from diffusers import DiffusionPipeline
 
-        >>> pipe = DiffusionPipeline.from_pretrained("path/to/lightbagel", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/lightbagel", dtype=torch.bfloat16).to("cuda")
         >>> image = pipe("a red circle to the left of a blue square", num_inference_steps=50).images[0]
         ```
     """

@@ -62,6 +62,29 @@ class LightBagelPipelineBase(LightBagelHubMixin, DiffusionPipeline, LightBagelLo
         self.default_height = self.default_width = 1024
         self._interrupt = False
 
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
+        """Create this pipeline from another LightBagel pipeline's components, without copying weights.
+
+        Components passed as keyword arguments replace the source's. diffusers' `DiffusionPipeline.from_pipe` casts
+        every component of the shared pipeline to float32 unless a dtype is given, which also changes the source
+        pipeline's weights. Here each component keeps its dtype unless `dtype` (or `torch_dtype`) is passed.
+        """
+        if "dtype" in kwargs or "torch_dtype" in kwargs:
+            return super().from_pipe(pipeline, **kwargs)
+        names = ("vlm", "processor", "transformer", "vae", "scheduler")
+        missing = [name for name in names if name not in kwargs and getattr(pipeline, name, None) is None]
+        if missing:
+            raise ValueError(f"{type(pipeline).__name__} has no {missing}; pass them to from_pipe as keyword arguments.")
+        components = {name: kwargs.pop(name) if name in kwargs else getattr(pipeline, name) for name in names}
+        if kwargs:
+            raise TypeError(f"from_pipe got unexpected keyword arguments {sorted(kwargs)}; allowed: {list(names)}.")
+        new_pipeline = cls(**components)
+        new_pipeline.register_to_config(_name_or_path=pipeline.config.get("_name_or_path", ""))
+        if hasattr(pipeline, "_progress_bar_config"):
+            new_pipeline.set_progress_bar_config(**pipeline._progress_bar_config)
+        return new_pipeline
+
     # ------------------------------------------------------------------ properties
     @property
     def interrupt(self) -> bool:
