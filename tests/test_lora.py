@@ -1,14 +1,21 @@
+import json
+import logging
 import os
 import re
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict
 
 from diffusers_lightbagel import LightBagelPipeline
-from diffusers_lightbagel.loaders import DEFAULT_LORA_TARGET_MODULES, convert_lora_state_dict
+from diffusers_lightbagel.loaders import (
+    DEFAULT_LORA_TARGET_MODULES,
+    convert_lora_state_dict,
+    default_lora_target_modules,
+)
 from diffusers_lightbagel.tiny import build_tiny_components
 
 
@@ -134,6 +141,100 @@ def test_saved_lora_loads_into_fresh_pipeline(tiny_pipe, tmp_path):
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(tmp_path, adapter_name="saved")
     torch.testing.assert_close(run(fresh), expected, atol=1e-5, rtol=1e-5)
+
+
+def add_scaled_adapter(pipe, adapter_name, rank, alpha):
+    """Add a trainable-style adapter with non-zero lora_B, so the adapter changes the output."""
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=default_lora_target_modules()
+    )
+    pipe.transformer.add_adapter(config, adapter_name=adapter_name)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if f"lora_B.{adapter_name}" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def fresh_pipeline():
+    pipe = LightBagelPipeline(**build_tiny_components(seed=0, fusion_init_std=0.05))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_lora_alpha_round_trips_exactly(tiny_pipe, tmp_path, caplog):
+    base = run(tiny_pipe)
+    add_scaled_adapter(tiny_pipe, "style", rank=4, alpha=16)
+    in_memory = run(tiny_pipe)
+    assert (in_memory - base).abs().max() > 1e-3
+    tiny_pipe.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(tiny_pipe.transformer, adapter_name="style"),
+        transformer_lora_adapter_metadata=tiny_pipe.transformer.peft_config["style"].to_dict(),
+    )
+
+    fresh = fresh_pipeline()
+    with caplog.at_level(logging.WARNING, logger="diffusers_lightbagel"):
+        fresh.load_lora_weights(tmp_path, adapter_name="style")
+    assert "metadata" not in caplog.text
+    config = fresh.transformer.peft_config["style"]
+    assert config.r == 4
+    assert config.lora_alpha == 16
+    assert config.target_modules == default_lora_target_modules()
+    assert fresh.transformer.blocks[0].attn1.to_q.scaling["style"] == 4.0
+    assert fresh.transformer.fusion_blocks[0].understanding.to_q.scaling["style"] == 4.0
+    torch.testing.assert_close(run(fresh), in_memory, atol=1e-6, rtol=0)
+
+
+def test_saved_metadata_uses_component_prefix(tiny_pipe, tmp_path):
+    add_scaled_adapter(tiny_pipe, "style", rank=4, alpha=16)
+    tiny_pipe.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(tiny_pipe.transformer, adapter_name="style"),
+        transformer_lora_adapter_metadata=tiny_pipe.transformer.peft_config["style"].to_dict(),
+    )
+    with safetensors.safe_open(tmp_path / "pytorch_lora_weights.safetensors", framework="pt") as file:
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 4
+    assert metadata["transformer.lora_alpha"] == 16
+    assert "lora_alpha" not in metadata
+
+
+def test_unprefixed_metadata_keeps_alpha(tiny_pipe, tmp_path):
+    # ModelMixin.save_lora_adapter writes keys and metadata without the "transformer." prefix.
+    add_scaled_adapter(tiny_pipe, "style", rank=4, alpha=16)
+    in_memory = run(tiny_pipe)
+    tiny_pipe.transformer.save_lora_adapter(tmp_path, adapter_name="style")
+
+    fresh = fresh_pipeline()
+    fresh.load_lora_weights(tmp_path, adapter_name="style")
+    assert fresh.transformer.peft_config["style"].lora_alpha == 16
+    assert fresh.transformer.blocks[0].attn1.to_q.scaling["style"] == 4.0
+    torch.testing.assert_close(run(fresh), in_memory, atol=1e-6, rtol=0)
+
+
+def test_metadata_without_targets_warns(tiny_pipe, tmp_path, caplog):
+    lora = random_lora(tiny_pipe.transformer, seed=1)
+    metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 16})}
+    safetensors.torch.save_file(lora, tmp_path / "pytorch_lora_weights.safetensors", metadata=metadata)
+    with caplog.at_level(logging.WARNING, logger="diffusers_lightbagel"):
+        tiny_pipe.load_lora_weights(tmp_path, adapter_name="partial")
+    assert "has no transformer.target_modules" in caplog.text
+    assert tiny_pipe.transformer.peft_config["partial"].lora_alpha == RANK
+
+
+def test_save_rejects_incomplete_metadata(tiny_pipe, tmp_path):
+    layers = {key.removeprefix("transformer."): v for key, v in random_lora(tiny_pipe.transformer, seed=1).items()}
+    with pytest.raises(ValueError, match=r"is missing the fields \['target_modules'\]"):
+        LightBagelPipeline.save_lora_weights(
+            tmp_path, layers, transformer_lora_adapter_metadata={"r": RANK, "lora_alpha": 16}
+        )
+    config = LoraConfig(r=RANK, lora_alpha=16, target_modules=default_lora_target_modules()).to_dict()
+    with pytest.raises(ValueError, match="safe_serialization=True"):
+        LightBagelPipeline.save_lora_weights(
+            tmp_path, layers, transformer_lora_adapter_metadata=config, safe_serialization=False
+        )
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_refuses_existing_file(tiny_pipe, tmp_path):

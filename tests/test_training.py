@@ -1,10 +1,11 @@
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, set_peft_model_state_dict
 from PIL import Image
 
 from diffusers_lightbagel import LightBagelPipeline
@@ -148,6 +149,46 @@ def test_main_saves_loadable_lora(saved_pipeline, caption_folder, tmp_path):
     pipe.load_lora_weights(output)
     tuned = pipe("a cube", generator=torch.Generator().manual_seed(0), **call).images
     assert (tuned - base).abs().max() > 1e-4
+
+
+def test_main_lora_alpha_loads_back(saved_pipeline, caption_folder, tmp_path):
+    output = tmp_path / "out"
+    main(train_args(saved_pipeline, caption_folder, output, "--max-train-steps", "1", "--lora-alpha", "16"))
+    call = dict(height=64, width=64, num_inference_steps=2, output_type="latent", guidance_scale=1.0)
+
+    loaded = LightBagelPipeline.from_pretrained(saved_pipeline)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.load_lora_weights(output, adapter_name="trained")
+    config = loaded.transformer.peft_config["trained"]
+    assert config.r == 4
+    assert config.lora_alpha == 16
+    assert loaded.transformer.blocks[0].attn1.to_q.scaling["trained"] == 4.0
+
+    # The adapter as training built it: the same config, with the weights from the saved file.
+    reference = LightBagelPipeline.from_pretrained(saved_pipeline)
+    reference.set_progress_bar_config(disable=True)
+    training_config = LoraConfig(r=4, lora_alpha=16, target_modules=default_lora_target_modules())
+    reference.transformer.add_adapter(training_config, adapter_name="trained")
+    weights = LightBagelPipeline.lora_state_dict(output)
+    weights = {key.removeprefix("transformer."): value for key, value in weights.items()}
+    set_peft_model_state_dict(reference.transformer, weights, adapter_name="trained")
+
+    expected = reference("a cube", generator=torch.Generator().manual_seed(0), **call).images
+    actual = loaded("a cube", generator=torch.Generator().manual_seed(0), **call).images
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+
+
+def test_main_logs_loss_and_final_line(saved_pipeline, caption_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    args = train_args(saved_pipeline, caption_folder, output, "--max-train-steps", "2", "--logging-steps", "1")
+    assert main(args) == 0
+    # splitlines also splits the progress bar's carriage-return updates into separate lines.
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert any(re.search(r"step 1/2: loss \d+\.\d{4}, learning rate 0\.01$", line) for line in lines)
+    assert any(re.search(r"step 2/2: loss \d+\.\d{4}", line) for line in lines)
+    assert any("loss=" in line and "steps:" in line for line in lines)
+    lora_path = output / "pytorch_lora_weights.safetensors"
+    assert lines[-1].endswith(f"Saved the LoRA to {lora_path} after 2 training steps.")
 
 
 def test_resume_latest_continues_steps(saved_pipeline, caption_folder, tmp_path):

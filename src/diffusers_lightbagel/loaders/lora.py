@@ -15,6 +15,7 @@ from diffusers.loaders.lora_base import (
     LORA_WEIGHT_NAME_SAFE,
     LoraBaseMixin,
     _fetch_state_dict,
+    _pack_dict_with_prefix,
 )
 from diffusers.utils import USE_PEFT_BACKEND, logging
 
@@ -146,12 +147,7 @@ class LightBagelLoraLoaderMixin(LoraBaseMixin):
         state_dict, metadata = self.lora_state_dict(
             pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
         )
-        if metadata and "target_modules" not in metadata:
-            logger.warning(
-                f"The LoRA file's adapter metadata has no target_modules (fields: {sorted(metadata)}); ignoring it and "
-                "reading rank and targets from the weights, with lora_alpha equal to the rank."
-            )
-            metadata = None
+        metadata = self._transformer_adapter_metadata(metadata)
         transformer = getattr(self, self.transformer_name)
         check_lora_state_dict(state_dict, transformer)
         if adapter_name is not None and adapter_name in getattr(transformer, "peft_config", {}) and not hotswap:
@@ -168,6 +164,30 @@ class LightBagelLoraLoaderMixin(LoraBaseMixin):
             low_cpu_mem_usage=low_cpu_mem_usage,
             hotswap=hotswap,
         )
+
+    @classmethod
+    def _transformer_adapter_metadata(cls, metadata: dict | None) -> dict | None:
+        """Return the file's adapter metadata with `transformer.`-prefixed keys, or None if it has no usable config.
+
+        `save_lora_weights` (like diffusers' `_save_lora_weights`) stores the `LoraConfig` fields as
+        `transformer.<field>`, and diffusers' `load_lora_adapter` (0.42.1) strips that prefix again. A file written
+        by the model's own `save_lora_adapter` stores the fields without a prefix, so they get one here.
+        """
+        if not metadata:
+            return None
+        prefix = f"{cls.transformer_name}."
+        if any(key.startswith(prefix) for key in metadata):
+            fields = {key.removeprefix(prefix) for key in metadata if key.startswith(prefix)}
+        else:
+            fields = set(metadata)
+            metadata = _pack_dict_with_prefix(metadata, cls.transformer_name)
+        if "target_modules" not in fields:
+            logger.warning(
+                f"The LoRA file's adapter metadata has no {prefix}target_modules (fields: {sorted(metadata)}); "
+                "ignoring it and reading rank and targets from the weights, with lora_alpha equal to the rank."
+            )
+            return None
+        return metadata
 
     @classmethod
     def load_lora_into_transformer(
@@ -208,14 +228,18 @@ class LightBagelLoraLoaderMixin(LoraBaseMixin):
 
         Args:
             transformer_lora_layers: the LoRA state dict, from `peft.get_peft_model_state_dict(pipe.transformer)`.
-            transformer_lora_adapter_metadata: the adapter's `LoraConfig.to_dict()`, stored so that the rank and
-                alpha load back exactly.
+            transformer_lora_adapter_metadata: the adapter's `LoraConfig.to_dict()`. It is stored in the file as
+                `transformer.<field>`, and `load_lora_weights` builds the adapter from it, so rank, `lora_alpha`
+                and target modules load back exactly. Without it, the loader reads the rank from the weights and
+                sets `lora_alpha` to the rank. It needs `safe_serialization=True` and the default `save_function`.
             weight_name: defaults to `pytorch_lora_weights.safetensors`.
             overwrite: replace an existing file of that name; without it an existing file raises
                 `FileExistsError`. The file is written to a temporary name first and then moved into place.
         """
         if not transformer_lora_layers:
             raise ValueError("transformer_lora_layers is empty; pass the LoRA state dict of the transformer.")
+        if transformer_lora_adapter_metadata is not None:
+            _check_adapter_metadata(transformer_lora_adapter_metadata, safe_serialization, save_function)
         if not is_main_process:
             return
         weight_name = weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else LORA_WEIGHT_NAME)
@@ -262,6 +286,32 @@ class LightBagelLoraLoaderMixin(LoraBaseMixin):
         super().unfuse_lora(components=components, **kwargs)
 
 
+ADAPTER_METADATA_REQUIRED_FIELDS = ("r", "lora_alpha", "target_modules")
+
+
+def _check_adapter_metadata(metadata: dict, safe_serialization: bool, save_function: Callable | None) -> None:
+    if not isinstance(metadata, dict):
+        raise TypeError(
+            f"transformer_lora_adapter_metadata must be a dict such as LoraConfig.to_dict(), got {type(metadata)}."
+        )
+    missing = [name for name in ADAPTER_METADATA_REQUIRED_FIELDS if name not in metadata]
+    if missing:
+        raise ValueError(
+            f"transformer_lora_adapter_metadata is missing the fields {missing}; pass the adapter's "
+            "LoraConfig.to_dict(), for example pipe.transformer.peft_config[adapter_name].to_dict()."
+        )
+    if not safe_serialization:
+        raise ValueError(
+            "transformer_lora_adapter_metadata is stored only in .safetensors files; pass safe_serialization=True, "
+            "or drop the metadata."
+        )
+    if save_function is not None:
+        raise ValueError(
+            "transformer_lora_adapter_metadata is written only by the default save function; drop save_function, "
+            "or drop the metadata."
+        )
+
+
 class _SafetensorsSaveWithMetadata:
     """A `save_function` for `write_lora_layers` that stores the adapter config as diffusers does."""
 
@@ -276,9 +326,9 @@ class _SafetensorsSaveWithMetadata:
 
         metadata = {"format": "pt"}
         if self.adapter_metadata:
-            prefixed = {
-                f"{LightBagelLoraLoaderMixin.transformer_name}.{name}": list(value) if isinstance(value, set) else value
-                for name, value in self.adapter_metadata.items()
+            fields = {
+                name: list(value) if isinstance(value, set) else value for name, value in self.adapter_metadata.items()
             }
+            prefixed = _pack_dict_with_prefix(fields, LightBagelLoraLoaderMixin.transformer_name)
             metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(prefixed, indent=2, sort_keys=True)
         self.save(state_dict, path, metadata)

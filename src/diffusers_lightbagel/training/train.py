@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging as std_logging
 import math
 import os
 import re
@@ -10,10 +12,11 @@ import shutil
 import tempfile
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -114,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument("--validation-steps", type=_positive_int, default=100, help="validate every N steps")
     state.add_argument("--validation-inference-steps", type=_positive_int, default=28, help="denoising steps")
     state.add_argument("--report-to", default=None, help="accelerate tracker, e.g. tensorboard or wandb")
+    state.add_argument(
+        "--logging-steps", type=_positive_int, default=10, help="log the step, loss and learning rate every N steps"
+    )
     return parser
 
 
@@ -205,6 +211,13 @@ def _register_checkpoint_hooks(accelerator: Accelerator, lora_config: LoraConfig
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def _log_step(accelerator: Accelerator, step: int, max_steps: int, logs: dict[str, float]) -> None:
+    # Every process must take part in the reduce; only the main process logs the mean over processes.
+    loss = accelerator.reduce(torch.tensor(logs["loss"], device=accelerator.device), reduction="mean").item()
+    if accelerator.is_main_process:
+        logger.info(f"step {step}/{max_steps}: loss {loss:.4f}, learning rate {logs['lr']:.3g}")
 
 
 def _write_image_atomically(image, path: str) -> None:
@@ -353,6 +366,8 @@ def train(args: argparse.Namespace) -> str:
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
     epoch = first_epoch
+    # Sum and count of the micro-batch losses since the last optimizer step, so a step's loss averages them.
+    step_loss_sum, step_micro_batches = 0.0, 0
     while global_step < args.max_train_steps:
         epoch_loader = dataloader
         if epoch == first_epoch and skip_batches:
@@ -366,6 +381,8 @@ def train(args: argparse.Namespace) -> str:
                     model, pipe, batch, args.resolution, shift, args.weighting_scheme, args.logit_mean, args.logit_std
                 )
                 accelerator.backward(loss)
+                step_loss_sum = step_loss_sum + loss.detach()
+                step_micro_batches += 1
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
                 optimizer.step()
@@ -375,10 +392,13 @@ def train(args: argparse.Namespace) -> str:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            logs = {"loss": (step_loss_sum / step_micro_batches).item(), "lr": lr_scheduler.get_last_lr()[0]}
+            step_loss_sum, step_micro_batches = 0.0, 0
             progress.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.3g}")
             accelerator.log(logs, step=global_step)
+            if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+                _log_step(accelerator, global_step, args.max_train_steps, logs)
 
             if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
                 if args.checkpoints_total_limit is not None and accelerator.is_main_process:
@@ -389,6 +409,7 @@ def train(args: argparse.Namespace) -> str:
             if global_step >= args.max_train_steps:
                 break
         epoch += 1
+    progress.close()
 
     accelerator.wait_for_everyone()
     lora = lora_state_dict_of(accelerator, model)
@@ -397,13 +418,35 @@ def train(args: argparse.Namespace) -> str:
         LightBagelPipeline.save_lora_weights(
             args.output_dir, lora, transformer_lora_adapter_metadata=lora_config.to_dict(), overwrite=True
         )
-        logger.info(f"Saved the LoRA to {lora_path}.")
+        logger.info(f"Saved the LoRA to {lora_path} after {global_step} training steps.")
     accelerator.end_training()
     return lora_path
+
+
+@contextlib.contextmanager
+def _command_logging():
+    """Show this package's info logs on stderr on the main process, and only warnings on the others.
+
+    The package's loggers sit outside the "diffusers" logger tree, so diffusers' verbosity settings do not reach
+    them. Log lines go through `tqdm.write` so that they do not break the progress bar.
+    """
+    package_logger = std_logging.getLogger(__name__.split(".")[0])
+    previous_level = package_logger.level
+    handler = std_logging.StreamHandler()
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    package_logger.setLevel(std_logging.INFO if PartialState().is_main_process else std_logging.WARNING)
+    package_logger.addHandler(handler)
+    try:
+        with logging_redirect_tqdm(loggers=[package_logger], tqdm_class=tqdm):
+            yield
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (the options after `lightbagel train-lora`) and train; return the exit status."""
     args = build_parser().parse_args(argv)
-    train(args)
+    with _command_logging():
+        train(args)
     return 0
