@@ -23,7 +23,7 @@ def test_generate_writes_image(tmp_path, capsys):
     with Image.open(output) as image:
         assert image.size == (96, 64)
     captured = capsys.readouterr()
-    assert "random" in captured.err
+    assert "embedded shapes demo" in captured.err
     assert f"wrote {output}" in captured.out
 
 
