@@ -20,8 +20,8 @@ EMBEDDED_MODEL_NOTE = (
     "images. Its VLM has random weights, so `ask` answers are arbitrary. See docs/shapes_eval.md."
 )
 
-# Sampling settings used when no value is given and a model is named; the embedded demo has its own, from
-# diffusers_lightbagel.demo, and samples edits without image guidance.
+# Sampling settings used when no value is given and a model is named. The embedded demo uses its own settings from
+# diffusers_lightbagel.demo, and it samples edits without image guidance.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE_SCALE = 4.0
 DEFAULT_IMAGE_GUIDANCE_SCALE = 2.0
@@ -49,7 +49,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        help="local pipeline folder or Hugging Face Hub repo id; omit to use the embedded tiny model",
+        help="local pipeline folder or Hugging Face Hub repo id; omit to use the embedded shapes demo model",
     )
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda if available)")
     parser.add_argument(
@@ -68,8 +68,8 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=_positive_int, default=None, help="denoising steps (default: 50; 20 for the embedded demo)"
     )
-    parser.add_argument("--height", type=_positive_int, default=None, help="output height in pixels (multiple of 32)")
-    parser.add_argument("--width", type=_positive_int, default=None, help="output width in pixels (multiple of 32)")
+    parser.add_argument("--height", type=_positive_int, default=None, help="output height in pixels (a multiple of 32, or 16 for the embedded demo; default 1024, or 64 for the demo)")
+    parser.add_argument("--width", type=_positive_int, default=None, help="output width in pixels (a multiple of 32, or 16 for the embedded demo; default 1024, or 64 for the demo)")
     parser.add_argument(
         "--guidance-scale",
         type=_finite_float,
