@@ -5,7 +5,6 @@ milliseconds on a CPU, small enough to build from code in seconds. Random weight
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from diffusers_lightbagel import LightBagelPipeline, LightBagelTransformer2DModel
 from diffusers_lightbagel.tiny import (
@@ -13,6 +12,7 @@ from diffusers_lightbagel.tiny import (
     build_tiny_processor,
     build_tiny_scheduler,
     build_tiny_vae,
+    build_tiny_vlm,
     randomize_fusion_outputs,
 )
 
@@ -24,47 +24,10 @@ PROMPT = "a red cube on a blue wooden table beside a green glass bottle, soft mo
 def build_medium_pipeline(width: int = 256, layers: int = 4, vlm_layers: int = 4, head_dim: int = 64):
     processor = build_tiny_processor()
     tokenizer = processor.tokenizer
-    token_id = tokenizer.convert_tokens_to_ids
     heads = width // head_dim
-    quarter = head_dim // 8
-    vlm_config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": width,
-            "intermediate_size": 4 * width,
-            "num_hidden_layers": vlm_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 2048,
-            # mRoPE sections add up to head_dim / 2.
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2 * quarter, quarter, quarter],
-            },
-            "bos_token_id": token_id("<|endoftext|>"),
-            "eos_token_id": token_id("<|im_end|>"),
-            "pad_token_id": token_id("<|endoftext|>"),
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": width,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
+    vlm = build_tiny_vlm(
+        tokenizer, seed=0, hidden_size=width, num_layers=vlm_layers, head_dim=head_dim, intermediate_size=4 * width
     )
-    torch.manual_seed(0)
-    vlm = Qwen2_5_VLForConditionalGeneration(vlm_config).eval()
     transformer = LightBagelTransformer2DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=heads,

@@ -54,20 +54,29 @@ def build_tiny_processor() -> Qwen2_5_VLProcessor:
     )
 
 
-def build_tiny_vlm(tokenizer: Qwen2Tokenizer | None = None, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+def build_tiny_vlm(
+    tokenizer: Qwen2Tokenizer | None = None,
+    seed: int = 0,
+    hidden_size: int = TINY_VLM_HIDDEN_SIZE,
+    num_layers: int = TINY_VLM_LAYERS,
+    head_dim: int = 16,
+    intermediate_size: int | None = None,
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Return a random Qwen2.5-VL with a 2-block ViT; the defaults are the tiny test model's sizes."""
     tokenizer = tokenizer or build_tiny_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
-    head_dim = 16
+    # Qwen2.5-VL's multimodal rotary sections (time, height, width) add up to head_dim / 2.
+    quarter = head_dim // 8
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": TINY_VLM_HIDDEN_SIZE,
-            "intermediate_size": 64,
-            "num_hidden_layers": TINY_VLM_LAYERS,
-            "num_attention_heads": TINY_VLM_HIDDEN_SIZE // head_dim,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size or 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": hidden_size // head_dim,
             "num_key_value_heads": 1,
             "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2]},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2 * quarter, quarter, quarter]},
             "bos_token_id": token_id("<|endoftext|>"),
             "eos_token_id": token_id("<|im_end|>"),
             "pad_token_id": token_id("<|endoftext|>"),
@@ -77,7 +86,7 @@ def build_tiny_vlm(tokenizer: Qwen2Tokenizer | None = None, seed: int = 0) -> Qw
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,
-            "out_hidden_size": TINY_VLM_HIDDEN_SIZE,
+            "out_hidden_size": hidden_size,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
