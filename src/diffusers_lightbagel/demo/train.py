@@ -34,7 +34,7 @@ from diffusers.models.autoencoders import autoencoder_kl_wan
 from diffusers.utils import logging
 
 from ..pipelines.pipeline_lightbagel import LightBagelPipeline
-from ..tiny import TINY_VLM_HIDDEN_SIZE, TINY_VLM_LAYERS, build_tiny_processor, build_tiny_vlm
+from ..tiny import build_tiny_processor, build_tiny_transformer, build_tiny_vlm
 from ..training.loss import LightBagelFlowMatchingModel, sample_sigmas
 from . import shapes
 from ..models.transformer_lightbagel import LightBagelTransformer2DModel
@@ -70,20 +70,16 @@ def build_vae(seed: int) -> AutoencoderKLWan:
 
 def build_transformer(seed: int) -> LightBagelTransformer2DModel:
     """Return an untrained LightBagel transformer sized for the tiny VLM: 4 blocks of width 128."""
-    torch.manual_seed(seed)
-    return LightBagelTransformer2DModel(
-        patch_size=(1, 2, 2),
+    return build_tiny_transformer(
+        seed=seed,
         num_attention_heads=4,
         attention_head_dim=32,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        text_dim=TINY_VLM_HIDDEN_SIZE,
         freq_dim=64,
         ffn_dim=384,
         num_layers=4,
         rope_max_seq_len=64,
-        vlm_hidden_size=TINY_VLM_HIDDEN_SIZE,
-        vlm_num_layers=TINY_VLM_LAYERS,
     )
 
 
