@@ -203,3 +203,17 @@ def test_randomize_fusion_outputs_is_seeded():
     randomize_fusion_outputs(second, 0.1, seed=3)
     assert torch.equal(first.fusion_blocks[1].generation.to_out.weight, second.fusion_blocks[1].generation.to_out.weight)
     assert first.fusion_blocks[1].generation.to_out.weight.abs().sum() > 0
+
+
+def test_prepared_context_knows_padding():
+    components = build_tiny_components()
+    transformer, vlm, processor = components["transformer"], components["vlm"], components["processor"]
+    with torch.no_grad():
+        batched = encode_understanding(vlm, transformer, _vlm_inputs(processor, [_chat("red"), _chat("a longer one")]))
+    short = transformer.prepare_context(batched.select([0]).trim())
+    long = transformer.prepare_context(batched.select([1]).trim())
+    assert short.padded is False
+    assert long.padded is False
+    assert LightBagelContext.cat([short, long]).padded is True
+    assert LightBagelContext.cat([long, long]).padded is False
+    assert LightBagelContext.cat([short, long]).is_padded == (not bool(LightBagelContext.cat([short, long]).attention_mask.all()))

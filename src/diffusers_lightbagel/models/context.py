@@ -18,8 +18,10 @@ class LightBagelContext:
         attention_mask: (batch, context_len) boolean, True for valid tokens. Padding is always at the end of a row.
         keys: one (batch, context_len, heads, head_dim) tensor per fusion block: the understanding keys.
         values: the understanding values, laid out as `keys`.
-        text_embeds: optional cache of `encoder_hidden_states` after the DiT's text projection; filled by
+        text_embeds: optional cache of `encoder_hidden_states` after the DiT's text projection. It is filled by
             `LightBagelTransformer2DModel.prepare_context` so the denoising loop does not project it again.
+        padded: optional cache of `is_padded`, filled by `prepare_context`, so that the denoising loop does not
+            read the mask back from the device at every step.
     """
 
     encoder_hidden_states: torch.Tensor
@@ -27,6 +29,7 @@ class LightBagelContext:
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
     text_embeds: torch.Tensor | None = field(default=None)
+    padded: bool | None = field(default=None)
 
     def __post_init__(self):
         batch_size, context_len = self.encoder_hidden_states.shape[:2]
@@ -54,6 +57,8 @@ class LightBagelContext:
 
     @property
     def is_padded(self) -> bool:
+        if self.padded is not None:
+            return self.padded
         return not bool(self.attention_mask.all())
 
     def _map(self, fn) -> "LightBagelContext":
@@ -96,7 +101,8 @@ class LightBagelContext:
         return self._map(lambda tensor: tensor[:, :used])
 
     def with_text_embeds(self, text_embeds: torch.Tensor | None) -> "LightBagelContext":
-        return replace(self, text_embeds=text_embeds)
+        """Return the context with `text_embeds` set and the padding flag computed once."""
+        return replace(self, text_embeds=text_embeds, padded=not bool(self.attention_mask.all()))
 
     @staticmethod
     def cat(contexts: list["LightBagelContext"]) -> "LightBagelContext":
@@ -122,10 +128,15 @@ class LightBagelContext:
             return torch.cat([pad(tensor) for tensor in tensors], dim=0)
 
         has_text_embeds = all(context.text_embeds is not None for context in contexts)
+        # The padding flag is known without a device read when every part has one: shorter parts get padded here.
+        padded = None
+        if all(context.padded is not None for context in contexts):
+            padded = any(context.padded or context.context_len < context_len for context in contexts)
         return LightBagelContext(
             encoder_hidden_states=cat_field([c.encoder_hidden_states for c in contexts]),
             attention_mask=cat_field([c.attention_mask for c in contexts]),
             keys=tuple(cat_field([c.keys[i] for c in contexts]) for i in range(len(contexts[0].keys))),
             values=tuple(cat_field([c.values[i] for c in contexts]) for i in range(len(contexts[0].values))),
             text_embeds=cat_field([c.text_embeds for c in contexts]) if has_text_embeds else None,
+            padded=padded,
         )
