@@ -761,7 +761,8 @@ def test_full_size_transformer_matches_wan(tmp_path):
     theirs = {name: tuple(tensor.shape) for name, tensor in wan.state_dict().items()}
     text_projection = "condition_embedder.text_embedder.linear_1.weight"
 
-    assert config["num_layers"] == 30 and config["vlm_num_layers"] == 28
+    assert config["num_layers"] == 30
+    assert config["vlm_num_layers"] == 28
     assert set(theirs) <= set(ours)
     assert {name.split(".")[0] for name in set(ours) - set(theirs)} == {"fusion_blocks"}
     assert {name for name in theirs if ours[name] != theirs[name]} == {text_projection}

@@ -42,7 +42,8 @@ def test_size_rounded_with_one_warning(tiny_pipe, log_records):
     assert images.shape == (1, 64, 96, 3)
     size_warnings = [message for message in log_records if "multiples of 32" in message]
     assert len(size_warnings) == 1
-    assert "64x96" in size_warnings[0] and "70x100" in size_warnings[0]
+    assert "64x96" in size_warnings[0]
+    assert "70x100" in size_warnings[0]
 
 
 @pytest.mark.parametrize("height, width, message", [

@@ -105,7 +105,7 @@ def build_tiny_vlm(
 def build_tiny_vae(seed: int = 0) -> AutoencoderKLWan:
     """Return a Wan2.2-style VAE (residual, 2x2 patchified, 16x spatial compression) with 16 latent channels.
 
-    With `patch_size=2` the encoder sees 3 * 2 * 2 = 12 input channels, as in the Wan2.2 VAE config.
+    With `patch_size=2` the encoder takes 3 * 2 * 2 = 12 input channels, as in the Wan2.2 VAE config.
     """
     torch.manual_seed(seed)
     return AutoencoderKLWan(

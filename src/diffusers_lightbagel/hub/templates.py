@@ -48,7 +48,7 @@ try:
     installed_version = version("{PIP_NAME}")
 except PackageNotFoundError as error:
     raise ImportError(
-        "This repository holds a LightBagel pipeline, which needs the {PIP_NAME} package: "
+        "This repository contains a LightBagel pipeline, which needs the {PIP_NAME} package: "
         "run `pip install {PIP_NAME}>={minimum_version}`."
     ) from error
 if Version(installed_version) < Version(MINIMUM_VERSION):

@@ -7,8 +7,8 @@ Terms used across this package:
 - generation stream: the VAE latent tokens carried by the diffusion transformer (DiT).
 
 One fusion block follows each DiT block and, on the understanding side, the VLM layer paired with it. The block
-keeps separate projections per stream and attends over the tokens of both with a generalised causal mask:
-understanding tokens attend causally to understanding tokens only, and generation tokens attend to every valid
+keeps separate projections per stream and attends over the tokens of both with a generalised causal mask.
+Understanding tokens attend causally to understanding tokens only. Generation tokens attend to every valid
 understanding token and to all generation tokens. Since the understanding stream never reads the generation
 stream, its keys and values are computed once per prompt and reused at every denoising step.
 

@@ -192,8 +192,8 @@ class LightBagelTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Li
         fusion_rotary = self.fusion_rope(hidden_states) if self.fusion_rope is not None else rotary_emb
         # Wan returns (1, seq_len, 1, head_dim); the fusion attention takes (seq_len, head_dim).
         fusion_rotary = (fusion_rotary[0][0, :, 0], fusion_rotary[1][0, :, 0])
-        # Under sequential offload the buffers can sit on the meta device; nothing is cached there, nor while
-        # torch.compile traces the whole model, since the cache is a Python dict.
+        # Nothing is cached while the buffers sit on the meta device (sequential offload). Nothing is cached while
+        # torch.compile traces the whole model either, because the cache is a Python dict.
         if key[1].type != "meta" and not torch.compiler.is_compiling():
             if len(self._rotary_cache) >= self._rotary_cache_size:
                 self._rotary_cache.pop(next(iter(self._rotary_cache)))

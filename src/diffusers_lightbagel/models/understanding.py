@@ -75,7 +75,7 @@ def encode_understanding(vlm: nn.Module, transformer: nn.Module, model_inputs: d
     """Run the VLM once with the fusion blocks' understanding halves and return the context for the DiT.
 
     `model_inputs` is the processor output (`input_ids`, `attention_mask`, and `pixel_values` with `image_grid_thw`
-    when the prompt holds images), right-padded. The understanding stream never reads the latents, so the returned
+    when the prompt contains images), right-padded. The understanding stream never reads the latents, so the returned
     context serves every denoising step.
     """
     check_vlm_matches_transformer(vlm, transformer)

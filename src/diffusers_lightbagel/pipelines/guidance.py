@@ -6,7 +6,7 @@ import torch
 
 
 def guidance_active(sigma: float, guidance_interval: tuple[float, float]) -> bool:
-    """Whether guidance applies at noise level `sigma` (1 is pure noise, 0 is the clean image)."""
+    """Return whether guidance applies at noise level `sigma` (1 is pure noise, 0 is the clean image)."""
     low, high = guidance_interval
     return low <= sigma <= high
 
@@ -21,7 +21,7 @@ def combine_guidance(
 ) -> torch.Tensor:
     """Combine the guidance branches' velocity predictions.
 
-    Text guidance moves away from the prediction without the prompt text; image guidance (editing only) then moves
+    Text guidance moves away from the prediction without the prompt text. Image guidance (editing only) then moves
     the text-guided prediction away from the prediction without the reference image. With `renorm_min` set, the
     result is rescaled so that its norm per sample does not exceed the conditional prediction's, and shrinks by no
     more than the factor `renorm_min`.

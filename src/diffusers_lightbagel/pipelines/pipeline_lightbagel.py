@@ -20,7 +20,7 @@ logger = logging.get_logger(__name__)
 class LightBagelPipeline(LightBagelPipelineBase):
     """Text-to-image generation with LightBagel.
 
-    The VLM reads the prompt once per call (all guidance branches in one batch); every denoising step then runs
+    The VLM reads the prompt once per call, with all guidance branches in one batch. Every denoising step then runs
     only the DiT and the generation halves of the fusion blocks, against the cached understanding context.
 
     Example:
@@ -155,7 +155,7 @@ class LightBagelPipeline(LightBagelPipelineBase):
 
         # 4. Denoising loop
         def run(latents: torch.Tensor, t: torch.Tensor, context: LightBagelContext, name: str) -> torch.Tensor:
-            # cache_context tells diffusers' caching hooks (First Block Cache) which branch this call is.
+            # cache_context names the guidance branch for diffusers' caching hooks (First Block Cache).
             with self.transformer.cache_context(name):
                 timestep = t.expand(latents.shape[0])
                 return self.transformer(latents, timestep, context, attention_kwargs=attention_kwargs)[0]

@@ -131,8 +131,8 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
         Args:
             image: the image to edit (PIL image, file path, array or tensor), or one per prompt.
             prompt: the instruction or instructions. Not needed when `prompt_context` is given.
-            height, width: output size; by default the input's aspect ratio at the input's area (at most
-                1024 x 1024), with sides that are multiples of 32.
+            height, width: output size. By default the output has the input's aspect ratio and area, at most
+                1024 x 1024, with sides that are multiples of 32.
             guidance_scale: text guidance scale; at or below 1 the text-free branch is not run.
             image_guidance_scale: image guidance scale; at or below 1 the image-free branch is not run.
             prompt_context, negative_prompt_context, image_free_context: contexts from `encode_prompt` in place of
@@ -209,7 +209,7 @@ class LightBagelEditPipeline(LightBagelPipelineBase):
                 [t.expand(model_input.shape[0], tokens_per_frame), t.new_zeros(model_input.shape[0], tokens_per_frame)],
                 dim=1,
             )
-            # cache_context tells diffusers' caching hooks (First Block Cache) which branch this call is.
+            # cache_context names the guidance branch for diffusers' caching hooks (First Block Cache).
             with self.transformer.cache_context(name):
                 output = self.transformer(model_input, timestep, context, attention_kwargs=attention_kwargs)[0]
             return output[:, :, :1]

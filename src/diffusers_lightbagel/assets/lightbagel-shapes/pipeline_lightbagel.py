@@ -16,7 +16,7 @@ try:
     installed_version = version("diffusers-lightbagel")
 except PackageNotFoundError as error:
     raise ImportError(
-        "This repository holds a LightBagel pipeline, which needs the diffusers-lightbagel package: "
+        "This repository contains a LightBagel pipeline, which needs the diffusers-lightbagel package: "
         "run `pip install diffusers-lightbagel>=0.1.0`."
     ) from error
 if Version(installed_version) < Version(MINIMUM_VERSION):
