@@ -239,6 +239,16 @@ def save_pipeline(pipe: LightBagelPipeline, output_dir: str) -> None:
         raise
 
 
+def scheduled_learning_rate(step: int, steps: int, peak: float, warmup_steps: int, schedule: str) -> float:
+    """Return the learning rate of 1-based `step`: linear warm-up to `peak`, then constant or a half cosine to zero."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"Invalid learning-rate schedule {schedule!r}. Expected 'constant' or 'cosine'.")
+    lr = peak * min(1.0, step / max(warmup_steps, 1))
+    if schedule == "cosine":
+        lr *= 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return lr
+
+
 def train_transformer(
     pipe: LightBagelPipeline,
     data: ShapesTrainingSet,
@@ -250,11 +260,14 @@ def train_transformer(
     seed: int,
     output_dir: str | None = None,
     save_every: int = 0,
+    lr_schedule: str = "constant",
+    warmup_steps: int = 200,
 ) -> LightBagelPipeline:
     """Train the DiT and fusion blocks with flow matching, one text-to-image and one edit batch per step.
 
-    Returns the pipeline holding the exponential moving average of the weights, which is also what is saved every
-    `save_every` steps.
+    The learning rate rises linearly over `warmup_steps`, then stays at `learning_rate` (`lr_schedule="constant"`)
+    or follows a half cosine down to zero at the last step (`"cosine"`). Returns the pipeline holding the
+    exponential moving average of the weights, which is also what is saved every `save_every` steps.
     """
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -274,8 +287,9 @@ def train_transformer(
     start = time.time()
     running = None
     for step in range(1, steps + 1):
+        lr = scheduled_learning_rate(step, steps, learning_rate, warmup_steps, lr_schedule)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate * min(1.0, step / 200)
+            group["lr"] = lr
 
         caption_index = [rng.randrange(num_captions) for _ in range(batch_size)]
         prompts = _drop([data.prompts[i] for i in caption_index], caption_dropout, rng)
@@ -308,7 +322,7 @@ def train_transformer(
         if step % 50 == 0 or step == steps or step <= 3:
             logger.info(
                 f"dit step {step}/{steps}: text-to-image loss {running[0]:.4f}, edit loss {running[1]:.4f}, "
-                f"{time.time() - start:.0f} s"
+                f"learning rate {lr:.2e}, {time.time() - start:.0f} s"
             )
         if output_dir and save_every and (step % save_every == 0 or step == steps):
             save_pipeline(ema_pipe, output_dir)
@@ -333,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=4000, help="transformer optimisation steps")
     parser.add_argument("--batch-size", type=int, default=32, help="text-to-image and edit examples per step, each")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="transformer learning rate")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="transformer learning rate after the warm-up: constant, or a half cosine down to zero at the last step",
+    )
+    parser.add_argument("--warmup-steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="rate of empty prompts, for guidance")
     parser.add_argument("--ema-decay", type=float, default=0.998, help="decay of the weight moving average")
     parser.add_argument("--data-seed", type=int, default=None, help="seed of the training examples (default: seed + 2)")
@@ -353,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("vae_steps", "vae_batch_size", "steps", "batch_size", "num_captions", "num_edits", "threads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}.")
+    if args.warmup_steps < 0:
+        raise SystemExit(f"error: --warmup-steps must be at least 0; got {args.warmup_steps}.")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise SystemExit(f"error: --caption-dropout must be in [0, 1); got {args.caption_dropout}.")
     # The package's loggers sit outside the "diffusers" logger tree, so the command configures them itself.
@@ -400,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed + 3,
         output_dir=args.output,
         save_every=args.save_every,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
     )
     save_pipeline(ema_pipe, args.output)
     return 0
