@@ -273,7 +273,10 @@ def score_edit(edit: shapes.EditExample, source, output) -> dict[str, float]:
     return {"success": float(success), "psnr_outside": _psnr(source_pixels, output_pixels, mask)}
 
 
-def build_eval_set(num_prompts: int = 250, num_edits: int = 200, seed: int = 20251022):
+EVAL_SET_SEED = 20251022
+
+
+def build_eval_set(num_prompts: int = 250, num_edits: int = 200, seed: int = EVAL_SET_SEED):
     """Return the fixed held-out prompts and edit triplets, spread evenly over the prompt and edit kinds.
 
     The seed differs from every training seed; the prompt grammar is small, so prompt texts can still also occur
@@ -353,7 +356,14 @@ def generate(
 
 
 def edit_images(
-    edit_pipe, edits, num_inference_steps: int, guidance_scale: float, seed: int, guidance_interval=(0.0, 1.0), batch_size=50
+    edit_pipe,
+    edits,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    guidance_interval=(0.0, 1.0),
+    batch_size=50,
+    image_guidance_scale: float = 1.0,
 ):
     """Edit each triplet's rendered source with its instruction, seeds `seed + index`."""
     import torch
@@ -369,7 +379,7 @@ def edit_images(
             width=shapes.IMAGE_SIZE,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            image_guidance_scale=1.0,
+            image_guidance_scale=image_guidance_scale,
             guidance_interval=guidance_interval,
             generator=generators,
         ).images
@@ -417,7 +427,7 @@ def run(args) -> dict[str, dict[str, float]]:
     from .train import single_frame_convolutions
 
     torch.set_num_threads(args.threads)
-    prompts, edits = build_eval_set(args.num_prompts, args.num_edits)
+    prompts, edits = build_eval_set(args.num_prompts, args.num_edits, args.set_seed)
     rows = {}
 
     truth_rng = random.Random(1)
@@ -445,7 +455,15 @@ def run(args) -> dict[str, dict[str, float]]:
             edit_pipe.set_progress_bar_config(disable=True)
             interval = tuple(args.guidance_interval)
             generated = generate(model, prompts, args.steps, args.guidance_scale, args.seed, interval)
-            edited = edit_images(edit_pipe, edits, args.steps, args.edit_guidance_scale, args.seed, interval)
+            edited = edit_images(
+                edit_pipe,
+                edits,
+                args.steps,
+                args.edit_guidance_scale,
+                args.seed,
+                interval,
+                image_guidance_scale=args.image_guidance_scale,
+            )
             rows[name] = evaluate_images(prompts, generated, edits, edited)
             rows[name]["seconds"] = time.time() - started
     return rows
@@ -463,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance scale for text-to-image")
     parser.add_argument("--edit-guidance-scale", type=float, default=2.0, help="text guidance scale for editing")
     parser.add_argument(
+        "--image-guidance-scale",
+        type=float,
+        default=1.0,
+        help="image guidance scale for editing (1 skips the branch without the source image)",
+    )
+    parser.add_argument(
         "--guidance-interval",
         type=float,
         nargs=2,
@@ -471,6 +495,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="noise levels (1 is pure noise) between which guidance runs",
     )
     parser.add_argument("--seed", type=int, default=0, help="first sampling seed; image i uses seed + i")
+    parser.add_argument(
+        "--set-seed",
+        type=int,
+        default=EVAL_SET_SEED,
+        help=f"seed of the prompt and edit set (default {EVAL_SET_SEED}: the held-out set). Another seed gives a "
+        "validation set for choosing sampling settings.",
+    )
     parser.add_argument("--skip-ablation", action="store_true", help="do not evaluate the fusion-disabled copy")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -487,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows, KIND_COLUMNS))
     print(
         f"\n{args.num_prompts} prompts, {args.num_edits} edits, {args.steps} steps, guidance {args.guidance_scale} "
-        f"(text-to-image) and {args.edit_guidance_scale} (edit), guidance interval {tuple(args.guidance_interval)}, "
-        f"seed {args.seed}."
+        f"(text-to-image) and {args.edit_guidance_scale} (edit), image guidance {args.image_guidance_scale}, "
+        f"guidance interval {tuple(args.guidance_interval)}, seed {args.seed}, set seed {args.set_seed}."
     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
