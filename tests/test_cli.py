@@ -108,3 +108,15 @@ def test_console_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert output.exists()
+
+
+@pytest.mark.parametrize(("command", "demo_guidance"), [("generate", "3"), ("edit", "2")])
+def test_help_states_each_default_once(command, demo_guidance, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    assert "(default: 0)" in text  # --seed, added by the formatter
+    assert f"(default: 4; {demo_guidance} for the embedded demo)" in text
+    assert "for its edits" not in text

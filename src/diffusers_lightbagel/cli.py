@@ -10,6 +10,7 @@ import tempfile
 
 from diffusers.utils import logging
 
+from .demo import DEMO_EDIT_GUIDANCE_SCALE, DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
 
 logger = logging.get_logger(__name__)
 
@@ -43,7 +44,12 @@ def _finite_float(text: str) -> float:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show each option's default in --help."""
+    """Show each option's default in --help, unless it is None or the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +67,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default=None, help="weight file variant to load, e.g. bf16 or fp16")
 
 
-def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_generation_arguments(parser: argparse.ArgumentParser, demo_guidance_scale: float) -> None:
     parser.add_argument("--prompt", required=True, help="the prompt or instruction")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the initial noise")
     parser.add_argument("--negative-prompt", default=None, help="what text guidance steers away from")
@@ -74,7 +80,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--guidance-scale",
         type=_finite_float,
         default=None,
-        help="text guidance scale; <= 1 turns it off (default: 4; 3 for the embedded demo, 2 for its edits)",
+        help=f"text guidance scale; <= 1 turns it off (default: 4; {demo_guidance_scale:g} for the embedded demo)",
     )
     parser.add_argument("--output", "-o", required=True, help="output image path (.png, .jpg, ...)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
@@ -86,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate an image from text", formatter_class=_HelpFormatter)
     _add_model_arguments(generate)
-    _add_generation_arguments(generate)
+    _add_generation_arguments(generate, DEMO_GUIDANCE_SCALE)
 
     edit = commands.add_parser("edit", help="edit an image following an instruction", formatter_class=_HelpFormatter)
     _add_model_arguments(edit)
     edit.add_argument("--image", required=True, help="path of the image to edit")
-    _add_generation_arguments(edit)
+    _add_generation_arguments(edit, DEMO_EDIT_GUIDANCE_SCALE)
     edit.add_argument(
         "--image-guidance-scale",
         type=_finite_float,
@@ -190,7 +196,7 @@ def _run_generation(args: argparse.Namespace, edit: bool) -> int:
     if edit:
         from .pipelines.image_utils import to_rgb_image
 
-        source_image = to_rgb_image(args.image, "--image")
+        source_image = to_rgb_image(args.image, "input")
     device = _resolve_device(args.device)
     pipe, is_embedded = load_pipeline(args.model, device, args.dtype, edit=edit, variant=args.variant)
     steps, guidance_scale, image_guidance_scale = _sampling_settings(args, edit, is_embedded)
@@ -217,8 +223,6 @@ def _run_generation(args: argparse.Namespace, edit: bool) -> int:
 
 def _sampling_settings(args: argparse.Namespace, edit: bool, is_embedded: bool) -> tuple[int, float, float | None]:
     """Return steps, guidance scale and image guidance scale, filling what the user left out with defaults."""
-    from .demo import DEMO_EDIT_GUIDANCE_SCALE, DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS
-
     demo_guidance = DEMO_EDIT_GUIDANCE_SCALE if edit else DEMO_GUIDANCE_SCALE
     steps = args.steps or (DEMO_NUM_INFERENCE_STEPS if is_embedded else DEFAULT_STEPS)
     guidance_scale = args.guidance_scale
@@ -240,7 +244,7 @@ def _run_ask(args: argparse.Namespace) -> int:
     if args.image is not None:
         from .pipelines.image_utils import to_rgb_image
 
-        image = to_rgb_image(args.image, "--image")
+        image = to_rgb_image(args.image, "input")
     device = _resolve_device(args.device)
     pipe, is_embedded = load_pipeline(args.model, device, args.dtype, variant=args.variant)
     answer = pipe.ask(args.prompt, image=image, max_new_tokens=args.max_new_tokens)

@@ -117,7 +117,7 @@ def label_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def detect(image) -> list[Detection]:
-    """Find the objects of an RGB image (PIL image or (height, width, 3) uint8 array), in reading order.
+    """Find the objects of an RGB image (PIL image or (height, width, 3) uint8 array), sorted by centroid row, then column.
 
     Each object is a 4-connected component of pixels of one palette colour, so two touching objects of different
     colours stay apart.
