@@ -2,11 +2,11 @@
 # Rebuild the shipped shapes demo model (src/diffusers_lightbagel/assets/lightbagel-shapes) from a seed.
 #
 # Phase 1 trains the VAE (3000 steps) and then the DiT and fusion blocks (4000 steps). Phases 2 to 4 train the DiT
-# and fusion blocks further (3250, 1250 and 14000 steps), each from the previous phase's moving-average weights and
-# on newly drawn examples. Phase 4 lowers the learning rate to zero along a half cosine. The VLM is the tiny
+# and fusion blocks further (3250, 1250 and 14000 steps). Each starts from the previous phase's moving-average
+# weights and draws new examples. Phase 4 lowers the learning rate to zero along a half cosine. The VLM is the tiny
 # random Qwen2.5-VL of diffusers_lightbagel.tiny and stays frozen. Every phase writes into a temporary folder; the
 # result is moved into place at the end, so an interrupted run leaves the previous model intact. These are the
-# settings of the shipped model; on two CPU cores the whole run takes about two and a half hours.
+# settings of the shipped model. On two CPU cores the whole run takes about two and a half hours.
 #
 # Usage: bash scripts/build_demo_model.sh [SEED] [OUTPUT_DIR]
 set -euo pipefail

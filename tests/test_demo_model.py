@@ -13,10 +13,9 @@ from diffusers_lightbagel.demo.shapes_eval import (
     build_eval_set,
     detect,
     disable_fusion,
-    edit_images,
     evaluate_images,
-    generate,
     score_edit,
+    score_pipeline,
     score_prompt,
 )
 
@@ -170,24 +169,13 @@ def held_out_subset():
 
 
 def test_shipped_model_scores_held_out_subset(demo_pipe, held_out_subset):
-    prompts, edits = held_out_subset
-    edit_pipe = LightBagelEditPipeline.from_pipe(demo_pipe)
-    edit_pipe.set_progress_bar_config(disable=True)
-    generated = generate(demo_pipe, prompts, 20, 3.0, seed=0)
-    edited = edit_images(edit_pipe, edits, 20, 2.0, seed=0)
-    results = evaluate_images(prompts, generated, edits, edited)
-    # The full held-out set (250 prompts, 200 edits) scores 0.856 and 0.880; the margin absorbs the smaller sample.
+    results = score_pipeline(demo_pipe, *held_out_subset)
+    # The full held-out set (250 prompts, 200 edits) scores 0.856 and 0.880. The margin allows for the smaller sample.
     assert results["overall"] >= 0.7, results
     assert results["edit_success"] >= 0.7, results
 
 
 def test_fusion_disabled_model_fails_held_out_subset(demo_pipe, held_out_subset):
-    prompts, edits = held_out_subset
-    ablated = disable_fusion(demo_pipe)
-    edit_pipe = LightBagelEditPipeline.from_pipe(ablated)
-    edit_pipe.set_progress_bar_config(disable=True)
-    generated = generate(ablated, prompts, 20, 3.0, seed=0)
-    edited = edit_images(edit_pipe, edits, 20, 2.0, seed=0)
-    results = evaluate_images(prompts, generated, edits, edited)
+    results = score_pipeline(disable_fusion(demo_pipe), *held_out_subset)
     assert results["overall"] <= 0.1, results
     assert results["edit_success"] <= 0.1, results

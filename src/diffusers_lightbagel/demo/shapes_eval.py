@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import shapes
+from . import DEMO_EDIT_GUIDANCE_SCALE, DEMO_GUIDANCE_SCALE, DEMO_NUM_INFERENCE_STEPS, shapes
 
 
 # Minimum RGB distance from the background for a pixel to be foreground.
@@ -117,10 +117,10 @@ def label_pixels(pixels: np.ndarray) -> np.ndarray:
 
 
 def detect(image) -> list[Detection]:
-    """Find the objects of an RGB image (PIL image or (height, width, 3) uint8 array), sorted by centroid row, then column.
+    """Find the objects of an RGB image (PIL image or (height, width, 3) uint8 array).
 
     Each object is a 4-connected component of pixels of one palette colour, so two touching objects of different
-    colours stay apart.
+    colours stay apart. The detections are ordered by centroid row, then column.
     """
     pixels = shapes.to_array(image) if not isinstance(image, np.ndarray) else image
     if pixels.ndim != 3 or pixels.shape[2] != 3:
@@ -386,6 +386,35 @@ def edit_images(
     return images
 
 
+def score_pipeline(
+    pipe,
+    prompts,
+    edits,
+    num_inference_steps: int = DEMO_NUM_INFERENCE_STEPS,
+    guidance_scale: float = DEMO_GUIDANCE_SCALE,
+    edit_guidance_scale: float = DEMO_EDIT_GUIDANCE_SCALE,
+    image_guidance_scale: float = 1.0,
+    guidance_interval=(0.0, 1.0),
+    seed: int = 0,
+) -> dict[str, float]:
+    """Generate an image per prompt and edit each triplet's source with `pipe`'s components, then score both."""
+    from ..pipelines.pipeline_lightbagel_edit import LightBagelEditPipeline
+
+    edit_pipe = LightBagelEditPipeline.from_pipe(pipe)
+    edit_pipe.set_progress_bar_config(disable=True)
+    generated = generate(pipe, prompts, num_inference_steps, guidance_scale, seed, guidance_interval)
+    edited = edit_images(
+        edit_pipe,
+        edits,
+        num_inference_steps,
+        edit_guidance_scale,
+        seed,
+        guidance_interval,
+        image_guidance_scale=image_guidance_scale,
+    )
+    return evaluate_images(prompts, generated, edits, edited)
+
+
 COLUMNS = (
     ("colour", "colour"),
     ("shape", "shape"),
@@ -449,22 +478,17 @@ def run(args) -> dict[str, dict[str, float]]:
             models["same model, fusion disabled"] = disable_fusion(pipe)
         for name, model in models.items():
             started = time.time()
-            from ..pipelines.pipeline_lightbagel_edit import LightBagelEditPipeline
-
-            edit_pipe = LightBagelEditPipeline.from_pipe(model)
-            edit_pipe.set_progress_bar_config(disable=True)
-            interval = tuple(args.guidance_interval)
-            generated = generate(model, prompts, args.steps, args.guidance_scale, args.seed, interval)
-            edited = edit_images(
-                edit_pipe,
+            rows[name] = score_pipeline(
+                model,
+                prompts,
                 edits,
-                args.steps,
-                args.edit_guidance_scale,
-                args.seed,
-                interval,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                edit_guidance_scale=args.edit_guidance_scale,
                 image_guidance_scale=args.image_guidance_scale,
+                guidance_interval=tuple(args.guidance_interval),
+                seed=args.seed,
             )
-            rows[name] = evaluate_images(prompts, generated, edits, edited)
             rows[name]["seconds"] = time.time() - started
     return rows
 
@@ -477,14 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped demo model)")
     parser.add_argument("--num-prompts", type=int, default=250, help="held-out text-to-image prompts")
     parser.add_argument("--num-edits", type=int, default=200, help="held-out edit triplets")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance scale for text-to-image")
-    parser.add_argument("--edit-guidance-scale", type=float, default=2.0, help="text guidance scale for editing")
+    parser.add_argument("--steps", type=int, default=DEMO_NUM_INFERENCE_STEPS, help="denoising steps")
+    parser.add_argument(
+        "--guidance-scale", type=float, default=DEMO_GUIDANCE_SCALE, help="text guidance scale for text-to-image"
+    )
+    parser.add_argument(
+        "--edit-guidance-scale", type=float, default=DEMO_EDIT_GUIDANCE_SCALE, help="text guidance scale for editing"
+    )
     parser.add_argument(
         "--image-guidance-scale",
         type=float,
         default=1.0,
-        help="image guidance scale for editing (1 skips the branch without the source image)",
+        help="image guidance scale for editing (1 or less turns image guidance off)",
     )
     parser.add_argument(
         "--guidance-interval",
